@@ -1,0 +1,1 @@
+"""Conditional diffusion models (CDM / CG-CDM) for weakly supervised medical image segmentation."""
