@@ -13,8 +13,11 @@ import sys
 import tempfile
 
 
-class UserError(Exception):
-    """A problem with the user's input: reported as one line, exit status 2."""
+class UserError(ValueError):
+    """A problem with the user's input: reported as one line, exit status 2.
+
+    It is a ValueError, so library callers can catch it like any bad argument.
+    """
 
 
 def run_main(main, *args, **kwargs):
