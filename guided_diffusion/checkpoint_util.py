@@ -1,0 +1,184 @@
+"""Checkpoints together with their configuration.
+
+Every training run writes `args.json` (the complete model and diffusion flags)
+next to its checkpoints. Loaders read it back, so a checkpoint is always rebuilt
+with the architecture and diffusion it was trained with; flags given on the
+command line may only repeat what the file says for anything that defines
+shapes or the diffusion, and a disagreement is a one-line error naming the flag.
+"""
+
+import glob
+import json
+import os
+import re
+import sys
+
+from . import dist_util
+from .cli import UserError, atomic_write_text
+from .script_util import (
+    classifier_and_diffusion_defaults,
+    create_classifier,
+    create_gaussian_diffusion,
+    create_model_and_diffusion,
+    diffusion_defaults,
+    model_and_diffusion_defaults,
+)
+
+ARGS_FILE = "args.json"
+
+# Flags that may differ between training and use: they change sampling, not the network or the
+# trained diffusion.
+SAMPLING_ONLY_KEYS = {"timestep_respacing", "use_fp16", "classifier_use_fp16", "use_checkpoint", "dropout"}
+
+
+def write_args_json(save_dir, config):
+    """Write the run's configuration (a flat dict of flags) as `save_dir/args.json`, atomically."""
+    atomic_write_text(os.path.join(save_dir, ARGS_FILE), json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def read_args_json(checkpoint_path, what="--model_path"):
+    """The `args.json` beside a checkpoint file (or inside a run directory)."""
+    directory = checkpoint_path if os.path.isdir(checkpoint_path) else os.path.dirname(checkpoint_path)
+    path = os.path.join(directory or ".", ARGS_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {checkpoint_path}: no {ARGS_FILE} beside it, so its configuration is unknown")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: unreadable configuration ({err})")
+
+
+def explicit_flags(parser, argv=None):
+    """Destinations of the options actually typed on the command line (not left at their default)."""
+    argv = sys.argv[1:] if argv is None else argv
+    typed = {token.split("=", 1)[0] for token in argv if token.startswith("-")}
+    return {
+        action.dest
+        for action in parser._actions
+        if any(opt in typed for opt in action.option_strings)
+    }
+
+
+def merge_config(saved, args, explicit, keys, source):
+    """Configuration for `keys`: the saved value, unless a typed flag differs where that is allowed.
+
+    `args` is the argparse namespace, `explicit` the typed flag names. A typed flag that disagrees with
+    the saved value of a shape- or diffusion-defining key is a UserError naming both.
+    """
+    merged = {}
+    for key in keys:
+        typed = key in explicit and hasattr(args, key)
+        if key in saved:
+            value = saved[key]
+            if typed and getattr(args, key) != value:
+                if key not in SAMPLING_ONLY_KEYS:
+                    raise UserError(
+                        f"--{key} {getattr(args, key)} disagrees with {source} ({key}={value}); "
+                        f"drop the flag or use a matching checkpoint"
+                    )
+                value = getattr(args, key)
+        else:
+            value = getattr(args, key) if hasattr(args, key) else None
+        merged[key] = value
+    return merged
+
+
+def check_same_diffusion(classifier_config, ddpm_config, classifier_source, ddpm_source):
+    """A guiding classifier must have been trained on the DDPM's noise levels."""
+    for key in ("diffusion_steps", "noise_schedule", "rescale_timesteps"):
+        a, b = classifier_config.get(key), ddpm_config.get(key)
+        if a is not None and b is not None and a != b:
+            raise UserError(
+                f"classifier {classifier_source} was trained with {key}={a} but the DDPM {ddpm_source} "
+                f"uses {key}={b}; train the classifier with --diffusion_config pointing at the DDPM's args.json"
+            )
+
+
+def load_weights(module, path, flag):
+    """Load a state dict into `module`, turning a shape or key mismatch into a UserError."""
+    state = dist_util.load_state_dict(path, map_location="cpu")
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    own = module.state_dict()
+    for name, tensor in state.items():
+        if name in own and own[name].shape != tensor.shape:
+            raise UserError(
+                f"{flag} {path}: parameter {name} has shape {tuple(tensor.shape)} but the configuration "
+                f"builds {tuple(own[name].shape)}"
+            )
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise UserError(f"{flag} {path}: checkpoint does not fit the configured network ({detail})")
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    return module
+
+
+def load_model_and_diffusion(model_path, args=None, explicit=(), device=None, flag="--model_path"):
+    """Rebuild the DDPM saved at `model_path` from its args.json and load its weights (eval mode).
+
+    Returns (model, diffusion, config). `args` / `explicit` carry command-line flags that may override
+    sampling-only settings such as `--timestep_respacing`.
+    """
+    if not model_path or not os.path.isfile(model_path):
+        raise UserError(f"{flag} {model_path or '(empty)'}: no such checkpoint file")
+    saved = read_args_json(model_path, flag)
+    keys = list(model_and_diffusion_defaults())
+    defaults = model_and_diffusion_defaults()
+    config = merge_config({**defaults, **saved}, args, set(explicit), keys, os.path.join(os.path.dirname(model_path), ARGS_FILE))
+    model, diffusion = create_model_and_diffusion(**config)
+    load_weights(model, model_path, flag)
+    if config.get("use_fp16"):
+        model.convert_to_fp16()
+    model.to(device or dist_util.dev()).eval()
+    return model, diffusion, config
+
+
+def load_classifier(classifier_path, args=None, explicit=(), device=None, flag="--classifier_path"):
+    """Rebuild the classifier saved at `classifier_path` from its args.json; returns (classifier, config)."""
+    if not classifier_path or not os.path.isfile(classifier_path):
+        raise UserError(f"{flag} {classifier_path or '(empty)'}: no such checkpoint file")
+    saved = read_args_json(classifier_path, flag)
+    defaults = classifier_and_diffusion_defaults()
+    config = merge_config({**defaults, **saved}, args, set(explicit), list(defaults), os.path.join(os.path.dirname(classifier_path), ARGS_FILE))
+    classifier_keys = [k for k in defaults if k not in diffusion_defaults()]
+    classifier = create_classifier(**{k: config[k] for k in classifier_keys})
+    load_weights(classifier, classifier_path, flag)
+    if config.get("classifier_use_fp16") and hasattr(classifier, "convert_to_fp16"):
+        classifier.convert_to_fp16()
+    classifier.to(device or dist_util.dev()).eval()
+    return classifier, config
+
+
+def diffusion_from_config(config):
+    """The Gaussian diffusion described by a flat configuration dict."""
+    return create_gaussian_diffusion(
+        steps=config["diffusion_steps"],
+        learn_sigma=config["learn_sigma"],
+        noise_schedule=config["noise_schedule"],
+        use_kl=config["use_kl"],
+        predict_xstart=config["predict_xstart"],
+        rescale_timesteps=config["rescale_timesteps"],
+        rescale_learned_sigmas=config["rescale_learned_sigmas"],
+        timestep_respacing=config.get("timestep_respacing", ""),
+    )
+
+
+_STEP_RE = re.compile(r"(\d+)\.pt$")
+
+
+def parse_step(path):
+    """The step number in `model000123.pt`-style names (0 when there is none)."""
+    match = _STEP_RE.search(os.path.basename(path))
+    return int(match.group(1)) if match else 0
+
+
+def latest_checkpoint(save_dir, prefix="model"):
+    """Newest `{prefix}NNNNNN.pt` in `save_dir`, or None."""
+    candidates = [
+        p for p in glob.glob(os.path.join(save_dir, f"{prefix}[0-9]*.pt")) if re.fullmatch(rf"{prefix}\d+\.pt", os.path.basename(p))
+    ]
+    return max(candidates, key=parse_step) if candidates else None
+

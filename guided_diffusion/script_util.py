@@ -1,0 +1,463 @@
+"""Flag defaults and factories shared by every script.
+
+Defaults live in plain dicts (`model_and_diffusion_defaults`, `classifier_defaults`,
+...), `add_dict_to_argparser` turns a dict into `--key value` flags (booleans
+are `--flag True/False`), and the `create_*` functions build networks and
+diffusions from the same keys. The checks that turn a bad image size or
+attention resolution into a one-line error naming the flag live here, because
+this is where flag names are known.
+"""
+
+import argparse
+
+from . import gaussian_diffusion as gd
+from .cli import UserError
+from .respace import SpacedDiffusion, space_timesteps
+from .unet import EncoderUNetModel, UNetModel
+
+# channel_mult used when --channel_mult is empty, by image size.
+DEFAULT_CHANNEL_MULT = {
+    32: (1, 2, 2, 2),
+    64: (1, 2, 3, 4),
+    128: (1, 1, 2, 3, 4),
+    224: (1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    512: (0.5, 1, 1, 2, 2, 4, 4),
+}
+
+CLASSIFIER_TYPES = ("encoder", "resnet50", "resnet101")
+
+
+def diffusion_defaults():
+    """Diffusion flags. T=4000 with a linear schedule is the configuration of the paper."""
+    return dict(
+        learn_sigma=False,
+        diffusion_steps=4000,
+        noise_schedule="linear",
+        timestep_respacing="",
+        use_kl=False,
+        predict_xstart=False,
+        rescale_timesteps=False,
+        rescale_learned_sigmas=True,
+    )
+
+
+def model_and_diffusion_defaults():
+    """UNet (class-conditional, as CDM needs) plus diffusion flags."""
+    return dict(
+        image_size=64,
+        in_channels=1,
+        num_channels=128,
+        num_res_blocks=2,
+        num_heads=4,
+        num_heads_upsample=-1,
+        num_head_channels=-1,
+        attention_resolutions="16,8",
+        channel_mult="",
+        dropout=0.0,
+        class_cond=True,
+        num_classes=2,
+        use_checkpoint=False,
+        use_scale_shift_norm=True,
+        resblock_updown=False,
+        use_fp16=False,
+        use_new_attention_order=False,
+        **diffusion_defaults(),
+    )
+
+
+def classifier_defaults():
+    """Noise-conditioned classifier flags (`--model_type encoder|resnet50|resnet101`)."""
+    return dict(
+        image_size=64,
+        in_channels=1,
+        num_classes=2,
+        model_type="encoder",
+        classifier_use_fp16=False,
+        classifier_width=128,
+        classifier_depth=2,
+        classifier_attention_resolutions="32,16,8",
+        classifier_channel_mult="",
+        classifier_num_head_channels=64,
+        classifier_use_scale_shift_norm=True,
+        classifier_resblock_updown=True,
+        classifier_pool="attention",
+    )
+
+
+def classifier_and_diffusion_defaults():
+    return dict(**classifier_defaults(), **diffusion_defaults())
+
+
+def diffusion_config(args_dict):
+    """The diffusion part of a flat flag dict: what must agree between a DDPM and its classifier."""
+    return {k: args_dict[k] for k in diffusion_defaults() if k in args_dict}
+
+
+# ---------------------------------------------------------------------------------------------
+# Shape checks that name the flag
+
+
+def parse_channel_mult(image_size, channel_mult, flag="--channel_mult"):
+    """Per-level channel multipliers: the explicit comma list, else the default for the size."""
+    if channel_mult:
+        if isinstance(channel_mult, str):
+            try:
+                mult = tuple(float(m) if "." in m else int(m) for m in channel_mult.split(","))
+            except ValueError:
+                raise UserError(f"{flag} {channel_mult!r}: expected comma-separated numbers, e.g. 1,2,3,4")
+        else:
+            mult = tuple(channel_mult)
+    elif image_size in DEFAULT_CHANNEL_MULT:
+        mult = DEFAULT_CHANNEL_MULT[image_size]
+    else:
+        sizes = ", ".join(str(s) for s in DEFAULT_CHANNEL_MULT)
+        raise UserError(
+            f"--image_size {image_size} has no default channel_mult (defaults exist for {sizes}); "
+            f"pass {flag}, e.g. 1,2,2,4"
+        )
+    levels = len(mult)
+    if image_size % 2 ** (levels - 1):
+        raise UserError(
+            f"--image_size {image_size} cannot be halved {levels - 1} times as {flag} "
+            f"{','.join(str(m) for m in mult)} needs; choose a size divisible by {2 ** (levels - 1)}"
+        )
+    return mult
+
+
+def attention_downsample_factors(image_size, resolutions, levels, flag="--attention_resolutions"):
+    """Convert feature-map resolutions (e.g. "16,8") into the UNet's downsample factors.
+
+    Every resolution must be the size of some feature map, otherwise the flag would silently add
+    no attention (the original code's behaviour at 224 pixels).
+    """
+    occurring = {image_size // 2**k: 2**k for k in range(levels)}
+    factors = []
+    for item in str(resolutions).split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            res = int(item)
+        except ValueError:
+            raise UserError(f"{flag} {resolutions!r}: expected comma-separated integers, e.g. 16,8")
+        if res not in occurring:
+            sizes = ",".join(str(s) for s in sorted(occurring, reverse=True))
+            raise UserError(
+                f"{flag} {resolutions}: resolution {res} never occurs at --image_size {image_size} "
+                f"(feature maps are {sizes})"
+            )
+        factors.append(occurring[res])
+    return tuple(factors)
+
+
+# ---------------------------------------------------------------------------------------------
+# Factories
+
+
+def create_model_and_diffusion(
+    image_size,
+    in_channels,
+    class_cond,
+    num_classes,
+    learn_sigma,
+    num_channels,
+    num_res_blocks,
+    channel_mult,
+    num_heads,
+    num_head_channels,
+    num_heads_upsample,
+    attention_resolutions,
+    dropout,
+    diffusion_steps,
+    noise_schedule,
+    timestep_respacing,
+    use_kl,
+    predict_xstart,
+    rescale_timesteps,
+    rescale_learned_sigmas,
+    use_checkpoint,
+    use_scale_shift_norm,
+    resblock_updown,
+    use_fp16,
+    use_new_attention_order,
+):
+    model = create_model(
+        image_size,
+        num_channels,
+        num_res_blocks,
+        in_channels=in_channels,
+        channel_mult=channel_mult,
+        learn_sigma=learn_sigma,
+        class_cond=class_cond,
+        num_classes=num_classes,
+        use_checkpoint=use_checkpoint,
+        attention_resolutions=attention_resolutions,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        dropout=dropout,
+        resblock_updown=resblock_updown,
+        use_fp16=use_fp16,
+        use_new_attention_order=use_new_attention_order,
+    )
+    diffusion = create_gaussian_diffusion(
+        steps=diffusion_steps,
+        learn_sigma=learn_sigma,
+        noise_schedule=noise_schedule,
+        use_kl=use_kl,
+        predict_xstart=predict_xstart,
+        rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas,
+        timestep_respacing=timestep_respacing,
+    )
+    return model, diffusion
+
+
+def create_model(
+    image_size,
+    num_channels,
+    num_res_blocks,
+    in_channels=1,
+    channel_mult="",
+    learn_sigma=False,
+    class_cond=False,
+    num_classes=2,
+    use_checkpoint=False,
+    attention_resolutions="16,8",
+    num_heads=1,
+    num_head_channels=-1,
+    num_heads_upsample=-1,
+    use_scale_shift_norm=False,
+    dropout=0,
+    resblock_updown=False,
+    use_fp16=False,
+    use_new_attention_order=False,
+):
+    """The denoising UNet; its output has twice the input channels when sigma is learned."""
+    mult = parse_channel_mult(image_size, channel_mult)
+    attention_ds = attention_downsample_factors(image_size, attention_resolutions, len(mult))
+    if class_cond and num_classes < 2:
+        raise UserError(f"--num_classes {num_classes}: a class-conditional model needs at least 2 classes")
+    return UNetModel(
+        image_size=image_size,
+        in_channels=in_channels,
+        model_channels=num_channels,
+        out_channels=in_channels * (2 if learn_sigma else 1),
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=attention_ds,
+        dropout=dropout,
+        channel_mult=mult,
+        num_classes=num_classes if class_cond else None,
+        use_checkpoint=use_checkpoint,
+        use_fp16=use_fp16,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        resblock_updown=resblock_updown,
+        use_new_attention_order=use_new_attention_order,
+    )
+
+
+def create_classifier_and_diffusion(
+    image_size,
+    in_channels,
+    num_classes,
+    model_type,
+    classifier_use_fp16,
+    classifier_width,
+    classifier_depth,
+    classifier_attention_resolutions,
+    classifier_channel_mult,
+    classifier_num_head_channels,
+    classifier_use_scale_shift_norm,
+    classifier_resblock_updown,
+    classifier_pool,
+    learn_sigma,
+    diffusion_steps,
+    noise_schedule,
+    timestep_respacing,
+    use_kl,
+    predict_xstart,
+    rescale_timesteps,
+    rescale_learned_sigmas,
+):
+    classifier = create_classifier(
+        image_size=image_size,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        model_type=model_type,
+        classifier_use_fp16=classifier_use_fp16,
+        classifier_width=classifier_width,
+        classifier_depth=classifier_depth,
+        classifier_attention_resolutions=classifier_attention_resolutions,
+        classifier_channel_mult=classifier_channel_mult,
+        classifier_num_head_channels=classifier_num_head_channels,
+        classifier_use_scale_shift_norm=classifier_use_scale_shift_norm,
+        classifier_resblock_updown=classifier_resblock_updown,
+        classifier_pool=classifier_pool,
+    )
+    diffusion = create_gaussian_diffusion(
+        steps=diffusion_steps,
+        learn_sigma=learn_sigma,
+        noise_schedule=noise_schedule,
+        use_kl=use_kl,
+        predict_xstart=predict_xstart,
+        rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas,
+        timestep_respacing=timestep_respacing,
+    )
+    return classifier, diffusion
+
+
+def create_classifier(
+    image_size,
+    in_channels=1,
+    num_classes=2,
+    model_type="encoder",
+    classifier_use_fp16=False,
+    classifier_width=128,
+    classifier_depth=2,
+    classifier_attention_resolutions="32,16,8",
+    classifier_channel_mult="",
+    classifier_num_head_channels=64,
+    classifier_use_scale_shift_norm=True,
+    classifier_resblock_updown=True,
+    classifier_pool="attention",
+):
+    """A noise-conditioned classifier: the UNet encoder, or a timestep-aware ResNet-50/101."""
+    if model_type in ("resnet50", "resnet101"):
+        from .resnet import ResNetClassifier
+
+        return ResNetClassifier(depth=int(model_type[len("resnet"):]), in_channels=in_channels, num_classes=num_classes)
+    if model_type != "encoder":
+        raise UserError(f"--model_type {model_type!r}: choose one of {', '.join(CLASSIFIER_TYPES)}")
+    mult = parse_channel_mult(image_size, classifier_channel_mult, flag="--classifier_channel_mult")
+    attention_ds = attention_downsample_factors(
+        image_size, classifier_attention_resolutions, len(mult), flag="--classifier_attention_resolutions"
+    )
+    return EncoderUNetModel(
+        image_size=image_size,
+        in_channels=in_channels,
+        model_channels=classifier_width,
+        out_channels=num_classes,
+        num_res_blocks=classifier_depth,
+        attention_resolutions=attention_ds,
+        channel_mult=mult,
+        use_fp16=classifier_use_fp16,
+        num_head_channels=classifier_num_head_channels,
+        use_scale_shift_norm=classifier_use_scale_shift_norm,
+        resblock_updown=classifier_resblock_updown,
+        pool=classifier_pool,
+    )
+
+
+def create_gaussian_diffusion(
+    *,
+    steps=4000,
+    learn_sigma=False,
+    sigma_small=False,
+    noise_schedule="linear",
+    use_kl=False,
+    predict_xstart=False,
+    rescale_timesteps=False,
+    rescale_learned_sigmas=True,
+    timestep_respacing="",
+):
+    """A SpacedDiffusion (all `steps` when `timestep_respacing` is empty)."""
+    betas = gd.get_named_beta_schedule(noise_schedule, steps)
+    if use_kl:
+        loss_type = gd.LossType.RESCALED_KL
+    elif rescale_learned_sigmas:
+        loss_type = gd.LossType.RESCALED_MSE
+    else:
+        loss_type = gd.LossType.MSE
+    if learn_sigma:
+        var_type = gd.ModelVarType.LEARNED_RANGE
+    elif sigma_small:
+        var_type = gd.ModelVarType.FIXED_SMALL
+    else:
+        var_type = gd.ModelVarType.FIXED_LARGE
+    return SpacedDiffusion(
+        use_timesteps=space_timesteps(steps, timestep_respacing or [steps]),
+        betas=betas,
+        model_mean_type=gd.ModelMeanType.START_X if predict_xstart else gd.ModelMeanType.EPSILON,
+        model_var_type=var_type,
+        loss_type=loss_type,
+        rescale_timesteps=rescale_timesteps,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# argparse helpers
+
+# Alternative spellings accepted on the command line (the original scripts used --img_size).
+FLAG_ALIASES = {"image_size": ["--img_size"]}
+
+FLAG_HELP = {
+    "image_size": "image side in pixels (also --img_size); 32, 64, 128, 224, 256 have default channel_mult",
+    "in_channels": "image channels: 1 for one modality, 4 for the four BraTS modalities",
+    "num_channels": "base width of the UNet",
+    "num_res_blocks": "residual blocks per UNet level",
+    "num_heads": "attention heads (ignored when --num_head_channels is set)",
+    "num_heads_upsample": "attention heads in the decoder (-1: same as --num_heads)",
+    "num_head_channels": "channels per attention head (-1: use --num_heads)",
+    "attention_resolutions": "feature-map sizes (pixels) that get self-attention, comma-separated",
+    "channel_mult": "width multiplier per level, comma-separated (empty: the default for --image_size)",
+    "dropout": "dropout rate in the residual blocks",
+    "class_cond": "condition the UNet on the image-level label (CDM needs True)",
+    "num_classes": "number of image-level classes (rows of the label embedding)",
+    "use_checkpoint": "gradient checkpointing: less memory, slower",
+    "use_scale_shift_norm": "inject the time/label embedding as a scale and shift of the group norm",
+    "resblock_updown": "down/upsample with residual blocks instead of strided/upsampling convolutions",
+    "use_fp16": "run the UNet body in float16 (GPU)",
+    "use_new_attention_order": "split q/k/v before the heads (new order) instead of after (legacy)",
+    "learn_sigma": "learn the reverse-process variance (hybrid loss with the variational bound)",
+    "diffusion_steps": "number of diffusion steps T",
+    "noise_schedule": "beta schedule: linear or cosine",
+    "timestep_respacing": "use a subset of the steps when sampling: e.g. 250, ddim25 or 10,15,20",
+    "use_kl": "train on the variational bound (rescaled KL) instead of the noise MSE",
+    "predict_xstart": "the network predicts x0 instead of the noise",
+    "rescale_timesteps": "feed the network t*1000/T instead of t",
+    "rescale_learned_sigmas": "scale the variational-bound term by T/1000 (the improved-DDPM hybrid loss)",
+    "model_type": "classifier network: encoder (half UNet), resnet50 or resnet101",
+    "classifier_use_fp16": "run the classifier body in float16 (GPU)",
+    "classifier_width": "base width of the encoder classifier",
+    "classifier_depth": "residual blocks per encoder level",
+    "classifier_attention_resolutions": "feature-map sizes with self-attention in the encoder classifier",
+    "classifier_channel_mult": "encoder width multiplier per level (empty: the default for --image_size)",
+    "classifier_num_head_channels": "channels per attention head in the encoder classifier",
+    "classifier_use_scale_shift_norm": "scale-shift injection of the time embedding in the encoder",
+    "classifier_resblock_updown": "downsample with residual blocks in the encoder",
+    "classifier_pool": "encoder head: attention, adaptive, spatial or spatial_v2",
+}
+
+
+def add_dict_to_argparser(parser, default_dict):
+    """Add `--key` for every entry; booleans parse True/False, other types follow the default."""
+    for key, value in default_dict.items():
+        value_type = type(value)
+        if value is None:
+            value_type = str
+        elif isinstance(value, bool):
+            value_type = str2bool
+        names = [f"--{key}"] + FLAG_ALIASES.get(key, [])
+        help_text = FLAG_HELP.get(key, "")
+        parser.add_argument(*names, dest=key, default=value, type=value_type, help=f"{help_text} (default: {value})")
+
+
+def args_to_dict(args, keys):
+    return {k: getattr(args, k) for k in keys}
+
+
+def str2bool(value):
+    """Parse yes/no, true/false, t/f, y/n, 1/0 (any case)."""
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if value.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected, got {value!r}")
