@@ -39,6 +39,7 @@ def atomic_path(path):
     stem, ext = os.path.splitext(base)
     fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=directory)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files; give the usual permissions
     try:
         yield tmp
         os.replace(tmp, path)
@@ -46,6 +47,12 @@ def atomic_path(path):
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_torch_save(obj, path):
