@@ -10,8 +10,11 @@ shapes or the diffusion, and a disagreement is a one-line error naming the flag.
 import glob
 import json
 import os
+import pickle
 import re
 import sys
+
+import torch
 
 from . import dist_util
 from .cli import UserError, atomic_write_text
@@ -97,9 +100,15 @@ def check_same_diffusion(classifier_config, ddpm_config, classifier_source, ddpm
 
 def load_weights(module, path, flag):
     """Load a state dict into `module`, turning a shape or key mismatch into a UserError."""
-    state = dist_util.load_state_dict(path, map_location="cpu")
+    try:
+        state = dist_util.load_state_dict(path, map_location="cpu")
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{flag} {path}: not a readable PyTorch checkpoint ({first_line})")
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"{flag} {path}: expected a state dict of tensors, found {type(state).__name__}")
     own = module.state_dict()
     for name, tensor in state.items():
         if name in own and own[name].shape != tensor.shape:

@@ -1,0 +1,327 @@
+"""Sampling images from a trained DDPM, unguided or steered by a noise-conditioned classifier.
+
+`sample_images` draws images from Gaussian noise with the ancestral (DDPM) or
+DDIM sampler; every process draws its own contiguous share of the samples with
+a seed derived from (seed, rank), and the shares are gathered in rank order, so
+a run is reproducible for a given number of processes. `sample_main` is the
+command line shared by `scripts/image_tumor_sample.py` and
+`scripts/classifier_tumor_sample.py`: it rebuilds the model (and classifier)
+from the `args.json` beside each checkpoint and writes
+`samples_{N}x{H}x{W}x{C}.npz` plus a labelled PNG grid.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import dist_util, logger
+from .checkpoint_util import check_same_diffusion, explicit_flags, load_classifier, load_model_and_diffusion
+from .cli import UserError, atomic_path
+from .guidance import make_classifier_cond_fn
+from .script_util import add_dict_to_argparser, classifier_defaults, model_and_diffusion_defaults, str2bool
+
+DEFAULT_CLASS_NAMES = ("normal", "tumor")
+
+
+def to_uint8(x):
+    """Images in [-1, 1] as an (N, C, H, W) tensor → uint8 NHWC numpy array in 0..255 (rounded, clipped)."""
+    x = ((x.detach().float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def balanced_labels(num_samples, num_classes, seed):
+    """`num_samples` labels with (almost) equal counts per class, shuffled reproducibly by `seed`.
+
+    Counts differ by at most one; the first `num_samples % num_classes` classes get the extra sample.
+    """
+    labels = np.arange(num_samples, dtype=np.int64) % num_classes
+    np.random.default_rng([seed, num_samples]).shuffle(labels)
+    return labels
+
+
+def rank_share(num_samples, rank, world_size):
+    """(start, stop) of the samples process `rank` draws: contiguous slices whose sizes differ by at most one."""
+    base, extra = divmod(num_samples, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def rank_seed(seed, rank):
+    """An independent 32-bit seed for each (seed, rank) pair."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def _without_labels(model):
+    """The model called without `y`: an unconditional DDPM guided toward a class by a classifier."""
+
+    def model_fn(x, t, y=None, **kwargs):
+        return model(x, t, **kwargs)
+
+    return model_fn
+
+
+def sample_images(
+    model,
+    diffusion,
+    *,
+    num_samples,
+    batch_size,
+    image_shape,
+    class_label=None,
+    num_classes=2,
+    class_cond=True,
+    use_ddim=False,
+    eta=0.0,
+    clip_denoised=True,
+    cond_fn=None,
+    seed=0,
+    device=None,
+    progress=False,
+):
+    """Draw `num_samples` images of `image_shape` (C, H, W) from noise; returns (uint8 NHWC images, labels).
+
+    Labels are `class_label` for every sample, or balanced random labels when it is None; they condition a
+    class-conditional model (`class_cond`) and are the guidance target of `cond_fn`. Without either the
+    labels are meaningless and None is returned in their place. Under several processes each draws its
+    share (`rank_share`) with the seed `rank_seed(seed, rank)` and every process receives the gathered
+    result. The global torch RNG state is restored afterwards.
+    """
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"num_samples ({num_samples}) and batch_size ({batch_size}) must be at least 1")
+    if class_label is not None and not 0 <= class_label < num_classes:
+        raise ValueError(f"class_label {class_label} is not a class in 0..{num_classes - 1}")
+    device = torch.device(device) if device is not None else dist_util.dev()
+    rank, world_size = dist_util.get_rank(), dist_util.get_world_size()
+    uses_labels = class_cond or cond_fn is not None
+    if uses_labels:
+        if class_label is None:
+            all_labels = balanced_labels(num_samples, num_classes, seed)
+        else:
+            all_labels = np.full(num_samples, int(class_label), dtype=np.int64)
+    model_fn = model if class_cond or not uses_labels else _without_labels(model)
+    loop = diffusion.ddim_sample_loop_progressive if use_ddim else diffusion.p_sample_loop_progressive
+    extra = {"eta": eta} if use_ddim else {}
+
+    start, stop = rank_share(num_samples, rank, world_size)
+    batches = [(b, min(b + batch_size, stop)) for b in range(start, stop, batch_size)]
+    images = [np.zeros((0, image_shape[1], image_shape[2], image_shape[0]), dtype=np.uint8)]
+    bar = tqdm(total=len(batches) * diffusion.num_timesteps, unit="step", desc="sampling",
+               disable=not progress or rank != 0)
+    cuda_devices = []
+    if device.type == "cuda":
+        cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(rank_seed(seed, rank))
+        for lo, hi in batches:
+            model_kwargs = {}
+            if uses_labels:
+                model_kwargs["y"] = torch.as_tensor(all_labels[lo:hi], device=device)
+            noise = torch.randn((hi - lo, *image_shape), device=device)
+            out = None
+            for out in loop(model_fn, noise.shape, noise=noise, clip_denoised=clip_denoised, cond_fn=cond_fn,
+                            model_kwargs=model_kwargs, device=device, **extra):
+                bar.update(1)
+            images.append(to_uint8(out["sample"]))
+    bar.close()
+
+    shares = dist_util.all_gather_objects(np.concatenate(images))
+    return np.concatenate(shares), (all_labels if uses_labels else None)
+
+
+def samples_filename(images, ext="npz"):
+    """`samples_{N}x{H}x{W}x{C}.{ext}` for an NHWC array."""
+    return "samples_" + "x".join(str(d) for d in images.shape) + f".{ext}"
+
+
+def save_samples_npz(images, labels, save_dir):
+    """Write arr_0 = uint8 NHWC images (and arr_1 = labels unless None) atomically; returns the path."""
+    path = os.path.join(save_dir, samples_filename(images))
+    arrays = {"arr_0": images} if labels is None else {"arr_0": images, "arr_1": np.asarray(labels)}
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    return path
+
+
+def save_sample_grid(images, labels, path, class_names=DEFAULT_CLASS_NAMES, max_images=64, ncols=8):
+    """A PNG grid of the first `max_images` uint8 NHWC images, each titled with its class, written atomically.
+
+    One- and three-channel images are shown as grey / RGB; other channel counts show channel 0.
+    """
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+
+    shown = images[:max_images]
+    n = len(shown)
+    if n == 0:
+        raise ValueError("no images to put in a grid")
+    ncols = min(ncols, n)
+    nrows = -(-n // ncols)
+    fig = Figure(figsize=(1.6 * ncols, 1.75 * nrows), dpi=100)
+    channels = shown.shape[-1]
+    for i in range(nrows * ncols):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        ax.axis("off")
+        if i >= n:
+            continue
+        if channels == 3:
+            ax.imshow(shown[i], interpolation="nearest")
+        else:
+            ax.imshow(shown[i, :, :, 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        if labels is not None:
+            label = int(labels[i])
+            name = class_names[label] if class_names and label < len(class_names) else "class"
+            ax.set_title(f"{name} ({label})", fontsize=8)
+    if channels not in (1, 3):
+        fig.suptitle(f"channel 0 of {channels}", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line shared by the two sampling scripts
+
+
+def sampling_defaults(guided=False):
+    """Flags of the sampling scripts themselves (the model flags come from the checkpoint's args.json)."""
+    flags = dict(
+        model_path="",
+        save_dir="",
+        num_samples=16,
+        batch_size=8,
+        class_label=-1,
+        use_ddim=False,
+        eta=0.0,
+        clip_denoised=True,
+        seed=0,
+    )
+    if guided:
+        flags.update(classifier_path="", classifier_scale=1.0)
+    return flags
+
+
+SAMPLING_HELP = {
+    "model_path": "(required) DDPM checkpoint (model*.pt or ema_*.pt) with its args.json in the same folder",
+    "save_dir": "output folder (default: a samples/ folder next to --model_path)",
+    "num_samples": "number of images to draw in total (split across processes under mpiexec)",
+    "batch_size": "images per sampler call on each process",
+    "class_label": "class of every sample (0 normal, 1 tumor); -1 draws balanced random labels",
+    "use_ddim": "DDIM sampler instead of ancestral DDPM sampling",
+    "eta": "DDIM noise: 0 is deterministic DDIM, 1 matches the DDPM posterior variance",
+    "clip_denoised": "clip the predicted x0 to [-1, 1] at every step",
+    "seed": "random seed; the same seed and number of processes give identical samples",
+    "classifier_path": "(required) noise-conditioned classifier checkpoint with its args.json in the same folder",
+    "classifier_scale": "guidance scale s: the sampler follows s * grad log p(y | x_t, t)",
+}
+
+
+def create_argparser(guided=False):
+    """Parser of the sampling scripts; `guided` adds the classifier flags."""
+    description = (
+        "Draw images from a trained DDPM with classifier guidance." if guided
+        else "Draw images from a trained DDPM (ancestral DDPM or DDIM)."
+    )
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    for key, value in sampling_defaults(guided).items():
+        value_type = str2bool if isinstance(value, bool) else type(value)
+        help_text = SAMPLING_HELP[key]
+        if value != "" and "default" not in help_text:
+            help_text += f" (default: {value})"
+        parser.add_argument(f"--{key}", default=value, type=value_type, help=help_text)
+    checked = parser.add_argument_group(
+        "checkpoint configuration",
+        "These are read from args.json beside the checkpoint. Typing one only checks that it agrees, "
+        "except --timestep_respacing (and other sampling-only settings), which override it.",
+    )
+    flags = dict(model_and_diffusion_defaults())
+    if guided:
+        flags.update(classifier_defaults())
+    add_dict_to_argparser(checked, flags)
+    return parser
+
+
+def _check_sampling_args(args, guided):
+    if args.num_samples < 1:
+        raise UserError(f"--num_samples {args.num_samples}: must be at least 1")
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size {args.batch_size}: must be at least 1")
+    if args.eta < 0:
+        raise UserError(f"--eta {args.eta}: must be non-negative")
+    if args.seed < 0:
+        raise UserError(f"--seed {args.seed}: must be non-negative")
+    if guided and not args.classifier_path:
+        raise UserError("--classifier_path is required for classifier-guided sampling")
+
+
+def _check_classifier_fits(classifier_config, model_config, classifier_path):
+    for key in ("image_size", "in_channels", "num_classes"):
+        if classifier_config[key] != model_config[key]:
+            raise UserError(
+                f"--classifier_path {classifier_path}: classifier has {key}={classifier_config[key]} "
+                f"but the DDPM has {key}={model_config[key]}"
+            )
+
+
+def sample_main(argv=None, guided=False):
+    """Entry point of `image_tumor_sample.py` (`guided=False`) and `classifier_tumor_sample.py` (`guided=True`)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = create_argparser(guided)
+    args = parser.parse_args(argv)
+    explicit = explicit_flags(parser, argv)
+    _check_sampling_args(args, guided)
+    if not args.model_path:
+        raise UserError("--model_path is required")
+
+    dist_util.setup_dist()
+    device = dist_util.dev()
+    model, diffusion, config = load_model_and_diffusion(args.model_path, args, explicit, device)
+    num_classes = config["num_classes"]
+    cond_fn = None
+    if guided:
+        classifier, classifier_config = load_classifier(args.classifier_path, args, explicit, device)
+        check_same_diffusion(classifier_config, config, args.classifier_path, args.model_path)
+        _check_classifier_fits(classifier_config, config, args.classifier_path)
+        cond_fn = make_classifier_cond_fn(classifier, args.classifier_scale)
+    if args.class_label != -1:
+        if not (config["class_cond"] or guided):
+            raise UserError(f"--class_label {args.class_label}: the model {args.model_path} is not class-conditional")
+        if not 0 <= args.class_label < num_classes:
+            raise UserError(f"--class_label {args.class_label}: must be -1 or a class in 0..{num_classes - 1}")
+
+    save_dir = args.save_dir or os.path.join(os.path.dirname(os.path.abspath(args.model_path)), "samples")
+    try:
+        logger.configure(save_dir, format_strs=["stdout", "log"])
+    except OSError as err:
+        raise UserError(f"--save_dir {save_dir}: cannot be created ({err.strerror})")
+    logger.log("sampling with " + json.dumps({**vars(args), **config}, sort_keys=True))
+
+    images, labels = sample_images(
+        model,
+        diffusion,
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
+        image_shape=(config["in_channels"], config["image_size"], config["image_size"]),
+        class_label=None if args.class_label == -1 else args.class_label,
+        num_classes=num_classes,
+        class_cond=config["class_cond"],
+        use_ddim=args.use_ddim,
+        eta=args.eta,
+        clip_denoised=args.clip_denoised,
+        cond_fn=cond_fn,
+        seed=args.seed,
+        device=device,
+        progress=True,
+    )
+    if dist_util.is_main_process():
+        npz_path = save_samples_npz(images, labels, save_dir)
+        png_path = save_sample_grid(images, labels, os.path.join(save_dir, samples_filename(images, "png")))
+        logger.log(f"wrote {npz_path} and {png_path}")
+    dist_util.barrier()
+    logger.close()
+    dist_util.cleanup()
