@@ -1,0 +1,500 @@
+"""3-D NIfTI volumes to the 2-D slice layout the loaders read, and back.
+
+One implementation shared by `scripts/prepare_brats.py`, `scripts/prepare_synapse.py`
+and `scripts/make_demo_data.py`. The layout it writes (see data/README.md):
+
+    ROOT/training/{normal,tumor,seg}/    ROOT/validation/{normal,tumor,seg}/
+    ROOT/manifest.csv                    one row per written slice
+    ROOT/dataset.json                    the settings and the subject split
+
+Geometry. A volume is read in its closest canonical (RAS+) orientation and cut into
+axial slices `volume[:, :, z]`. A slice is shown with anterior at the top and the
+volume's x axis running left to right; a square box [x0, x1) x [y0, y1) of voxels
+(recorded in the manifest) is cut out and resized to `image_size`. `paste_slices`
+inverts all of this, so per-slice predictions go back into the source voxel grid.
+
+Pixel values. Images are 8-bit: 0..255 is the normalised [0, 1] range, which the
+loaders map to [-1, 1]. Several channels (e.g. four BraTS modalities) are written as
+one uint8 `.npy` array of shape (C, H, W). Masks are 8-bit PNG, 0 = background,
+255 = lesion; every written slice has one (all zeros for `normal` slices).
+"""
+
+import csv
+import json
+import os
+import shutil
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+
+import nibabel as nib
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from .cli import UserError
+
+BRATS_MODALITIES = ("flair", "t1", "t1ce", "t2")
+SPLITS = ("training", "validation")
+CLASSES = ("normal", "tumor")
+MANIFEST_NAME = "manifest.csv"
+SETTINGS_NAME = "dataset.json"
+MANIFEST_FIELDS = (
+    "file", "split", "label", "subject", "slice_index", "lesion_pixels", "mask",
+    "source", "seg_source", "x0", "x1", "y0", "y1",
+)
+MANIFEST_INT_FIELDS = ("slice_index", "lesion_pixels", "x0", "x1", "y0", "y1")
+
+
+@dataclass(frozen=True)
+class VolumeCase:
+    """One subject: one NIfTI path per image channel and its label map."""
+
+    subject: str
+    images: tuple
+    seg: str
+
+
+@dataclass(frozen=True)
+class SliceOptions:
+    """How volumes become slices; every field is a command-line flag of the converters."""
+
+    image_size: int = 224
+    intensity: str = "brain"  # "brain": percentile clip on brain voxels; "ct": fixed HU window
+    clip_percentiles: tuple = (0.5, 99.5)
+    ct_window: tuple = (-125.0, 275.0)
+    crop: str = "brain"  # "brain": square box around the brain; "none": the whole slice
+    crop_margin: int = 4
+    min_brain_fraction: float = 0.3  # of the subject's largest axial brain area
+    min_lesion_pixels: int = 10  # in the written (resized) mask
+    lesion_labels: tuple = ()  # label values that count as lesion; () = any nonzero
+    image_format: str = "png"  # png | jpg for one channel; npy is used for several
+
+
+def parse_modalities(text):
+    """'flair', 'all' (the four BraTS modalities, in the order flair, t1, t1ce, t2) or a comma list."""
+    names = BRATS_MODALITIES if text.strip().lower() == "all" else [m.strip().lower() for m in text.split(",")]
+    unknown = [m for m in names if m not in BRATS_MODALITIES]
+    if unknown or not names or len(set(names)) != len(names):
+        raise UserError(f"--modality {text!r}: expected one of {', '.join(BRATS_MODALITIES)}, 'all' or a comma list")
+    return tuple(names)
+
+
+def parse_int_list(text, flag):
+    """'1' or '2,3' -> (2, 3); '' -> ()."""
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: expected integers separated by commas") from None
+
+
+def check_slice_options(options):
+    """UserError naming the flag for any setting that cannot work."""
+    checks = [
+        (options.image_size >= 8, f"--image_size must be at least 8, got {options.image_size}"),
+        (options.min_lesion_pixels >= 1, f"--min_tumor_pixels must be at least 1, got {options.min_lesion_pixels}"),
+        (0 <= options.min_brain_fraction <= 1, f"--min_brain_fraction must be in [0, 1], got {options.min_brain_fraction}"),
+        (0 <= options.clip_percentiles[0] < options.clip_percentiles[1] <= 100,
+         f"--clip_percentiles must be LOW HIGH with 0 <= LOW < HIGH <= 100, got {options.clip_percentiles}"),
+        (options.ct_window[0] < options.ct_window[1], f"--ct_window must be LOW HIGH with LOW < HIGH, got {options.ct_window}"),
+        (options.crop_margin >= 0, f"--crop_margin must be at least 0, got {options.crop_margin}"),
+        (options.image_format in ("png", "jpg", "npy"), f"--format must be png, jpg or npy, got {options.image_format}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    return options
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _one_line(err):
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def _load_nifti(path):
+    try:
+        img = nib.load(os.fspath(path))
+        data = img.get_fdata(dtype=np.float32)
+    except Exception as err:  # nibabel and gzip raise many kinds for broken files
+        raise UserError(f"{path}: cannot read NIfTI volume ({_one_line(err)})") from None
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise UserError(f"{path}: expected a 3-D volume, got shape {data.shape}")
+    return img, np.nan_to_num(data, copy=False)
+
+
+def _canonical_ornt(affine):
+    return nib.orientations.io_orientation(affine)
+
+
+def load_canonical(path):
+    """Read a 3-D NIfTI volume as float32 in closest canonical (RAS+) orientation.
+
+    Returns (array, affine); UserError naming `path` if it cannot be read.
+    """
+    img, data = _load_nifti(path)
+    ornt = _canonical_ornt(img.affine)
+    affine = img.affine @ nib.orientations.inv_ornt_aff(ornt, data.shape)  # shape before reorienting
+    data = nib.orientations.apply_orientation(data, ornt)
+    return np.ascontiguousarray(data, dtype=np.float32), affine
+
+
+def find_brats_cases(root, modalities):
+    """List BraTS subjects: one folder per subject holding `*_<modality>.nii.gz` and `*_seg.nii.gz`."""
+    if not os.path.isdir(root):
+        raise UserError(f"--input_dir {root}: no such directory")
+    subjects = sorted(d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
+    if not subjects:
+        raise UserError(f"--input_dir {root}: no subject folders (expected one folder per subject "
+                        f"with *_flair.nii.gz, *_t1.nii.gz, *_t1ce.nii.gz, *_t2.nii.gz, *_seg.nii.gz)")
+    cases = []
+    for subject in subjects:
+        folder = os.path.join(root, subject)
+        names = os.listdir(folder)
+
+        def find(suffix):
+            hits = sorted(n for n in names if n.endswith(f"_{suffix}.nii.gz") or n.endswith(f"_{suffix}.nii"))
+            if not hits:
+                raise UserError(f"{folder}: no *_{suffix}.nii.gz for subject {subject}")
+            if len(hits) > 1:
+                raise UserError(f"{folder}: several *_{suffix}.nii.gz files ({', '.join(hits)})")
+            return os.path.join(folder, hits[0])
+
+        cases.append(VolumeCase(subject, tuple(find(m) for m in modalities), find("seg")))
+    return cases
+
+
+def find_btcv_cases(root):
+    """List BTCV / Synapse cases: `img/imgXXXX.nii.gz` with `label/labelXXXX.nii.gz`."""
+    if not os.path.isdir(root):
+        raise UserError(f"--input_dir {root}: no such directory")
+    img_dir, label_dir = os.path.join(root, "img"), os.path.join(root, "label")
+    for folder in (img_dir, label_dir):
+        if not os.path.isdir(folder):
+            raise UserError(f"{folder}: no such directory (expected img/imgXXXX.nii.gz and label/labelXXXX.nii.gz)")
+    images = sorted(n for n in os.listdir(img_dir) if n.startswith("img") and n.endswith((".nii.gz", ".nii")))
+    if not images:
+        raise UserError(f"{img_dir}: no imgXXXX.nii.gz files")
+    cases = []
+    for name in images:
+        ext = ".nii.gz" if name.endswith(".nii.gz") else ".nii"
+        case_id = name[len("img"):-len(ext)]
+        candidates = [os.path.join(label_dir, f"label{case_id}{e}") for e in (".nii.gz", ".nii")]
+        seg = next((c for c in candidates if os.path.isfile(c)), None)
+        if seg is None:
+            raise UserError(f"{os.path.join(img_dir, name)}: no label file {candidates[0]}")
+        cases.append(VolumeCase(f"img{case_id}", (os.path.join(img_dir, name),), seg))
+    return cases
+
+
+# ----------------------------------------------------------------------------- pixels
+
+
+def normalize_percentiles(volume, foreground, low=0.5, high=99.5):
+    """Map the [low, high] percentiles of the foreground voxels to [0, 1], clip, zero the background."""
+    values = volume[foreground]
+    out = np.zeros(volume.shape, np.float32)
+    if values.size == 0:
+        return out
+    lo, hi = np.percentile(values, [low, high])
+    scale = 1.0 / (hi - lo) if hi > lo else 0.0
+    out[foreground] = np.clip((values - lo) * scale, 0.0, 1.0)
+    return out
+
+
+def ct_window(volume, low=-125.0, high=275.0):
+    """Map Hounsfield units in [low, high] to [0, 1], clipping outside."""
+    return np.clip((volume - low) / (high - low), 0.0, 1.0).astype(np.float32)
+
+
+def to_display(slice_xy):
+    """Axial slice indexed [x, y] -> image [row, col], anterior (high y) at the top."""
+    return slice_xy.T[::-1]
+
+
+def from_display(image):
+    """Inverse of `to_display`."""
+    return image[::-1].T
+
+
+def square_box(footprint_xy, margin=0):
+    """Square [x0, x1, y0, y1) around the True pixels of a 2-D footprint, `margin` voxels wider per side."""
+    xs, ys = np.flatnonzero(footprint_xy.any(1)), np.flatnonzero(footprint_xy.any(0))
+    if xs.size == 0:
+        xs, ys = np.array([0, footprint_xy.shape[0] - 1]), np.array([0, footprint_xy.shape[1] - 1])
+    side = int(max(xs[-1] - xs[0] + 1, ys[-1] - ys[0] + 1)) + 2 * margin
+    x0 = int(np.floor((xs[0] + xs[-1] + 1 - side) / 2))
+    y0 = int(np.floor((ys[0] + ys[-1] + 1 - side) / 2))
+    return x0, x0 + side, y0, y0 + side
+
+
+def cut_box(slice_xy, box):
+    """The box of a slice as a display image; parts outside the slice are zero."""
+    x0, x1, y0, y1 = box
+    out = np.zeros((x1 - x0, y1 - y0), slice_xy.dtype)
+    sx0, sx1 = max(x0, 0), min(x1, slice_xy.shape[0])
+    sy0, sy1 = max(y0, 0), min(y1, slice_xy.shape[1])
+    if sx1 > sx0 and sy1 > sy0:
+        out[sx0 - x0:sx1 - x0, sy0 - y0:sy1 - y0] = slice_xy[sx0:sx1, sy0:sy1]
+    return to_display(out)
+
+
+def paste_box(slice_xy, image, box):
+    """Write a display image (already box-sized) into the box of a slice, in place; inverse of `cut_box`."""
+    x0, x1, y0, y1 = box
+    patch = from_display(image)
+    sx0, sx1 = max(x0, 0), min(x1, slice_xy.shape[0])
+    sy0, sy1 = max(y0, 0), min(y1, slice_xy.shape[1])
+    if sx1 > sx0 and sy1 > sy0:
+        slice_xy[sx0:sx1, sy0:sy1] = patch[sx0 - x0:sx1 - x0, sy0 - y0:sy1 - y0]
+
+
+def resize2d(image, shape, nearest=False):
+    """Resize a 2-D float array to (rows, cols): bilinear with anti-aliasing, or nearest for masks."""
+    shape = tuple(int(s) for s in shape)
+    if image.shape == shape:
+        return image.astype(np.float32, copy=True)
+    pil = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32))
+    resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
+    return np.asarray(pil.resize((shape[1], shape[0]), resample), dtype=np.float32)
+
+
+def to_uint8(image01):
+    """[0, 1] floats -> 0..255 bytes (rounded)."""
+    return np.rint(np.clip(image01, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- slicing
+
+
+def split_subjects(subjects, val_fraction, seed):
+    """Map each subject to 'training' or 'validation'; depends only on the set of names and `seed`."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"--val_fraction must be in [0, 1), got {val_fraction}")
+    names = sorted(subjects)
+    if len(set(names)) != len(names):
+        dup = next(a for a, b in zip(names, names[1:]) if a == b)
+        raise UserError(f"subject {dup} appears twice in the input")
+    n_val = int(round(len(names) * val_fraction))
+    if val_fraction > 0 and len(names) >= 2:
+        n_val = min(max(n_val, 1), len(names) - 1)
+    order = np.random.default_rng(seed).permutation(len(names))
+    validation = {names[i] for i in order[:n_val]}
+    return {s: ("validation" if s in validation else "training") for s in names}
+
+
+def _read_case(case, options):
+    """Load a case's channels (normalised to [0, 1]), lesion mask and brain footprint."""
+    loaded = [load_canonical(p) for p in case.images]
+    seg, _ = load_canonical(case.seg)
+    shape = loaded[0][0].shape
+    for path, (data, _) in zip(case.images[1:], loaded[1:]):
+        if data.shape != shape:
+            raise UserError(f"{path}: shape {data.shape} differs from {case.images[0]} {shape}")
+    if seg.shape != shape:
+        raise UserError(f"{case.seg}: mask shape {seg.shape} differs from image {case.images[0]} shape {shape}")
+    volume = np.stack([data for data, _ in loaded])
+    labels = np.rint(seg).astype(np.int64)
+    lesion = np.isin(labels, options.lesion_labels) if options.lesion_labels else labels != 0
+    if options.intensity == "brain":
+        foreground = (volume != 0).any(0)  # skull-stripped data: background is exactly zero
+        low, high = options.clip_percentiles
+        channels = np.stack([normalize_percentiles(v, foreground, low, high) for v in volume])
+    elif options.intensity == "ct":
+        foreground = np.ones(shape, bool)
+        channels = ct_window(volume, *options.ct_window)
+    else:
+        raise ValueError(f"unknown intensity mode {options.intensity!r}")
+    return channels, lesion, foreground
+
+
+def _write_slice(path_stem, image, image_format):
+    """Write (C, H, W) uint8; returns the file name used."""
+    if image.shape[0] > 1 or image_format == "npy":
+        name = path_stem + ".npy"
+        np.save(name, image)
+    elif image_format == "png":
+        name = path_stem + ".png"
+        Image.fromarray(image[0]).save(name, format="PNG")
+    elif image_format == "jpg":
+        name = path_stem + ".jpg"
+        Image.fromarray(image[0]).save(name, format="JPEG", quality=95)
+    else:
+        raise ValueError(f"unknown image format {image_format!r}")
+    return os.path.basename(name)
+
+
+def export_case(case, split, options, out_root):
+    """Write the usable slices of one case under out_root/split and return their manifest rows."""
+    channels, lesion, foreground = _read_case(case, options)
+    size = options.image_size
+    if options.crop == "brain":
+        box = square_box(foreground.any(2), options.crop_margin)
+    else:
+        box = square_box(np.ones(foreground.shape[:2], bool))
+    brain_area = foreground.sum((0, 1))
+    keep = (brain_area > 0) & (brain_area >= options.min_brain_fraction * brain_area.max())
+    rows = []
+    for z in np.flatnonzero(keep):
+        z = int(z)
+        mask = resize2d(cut_box(lesion[:, :, z].astype(np.float32), box), (size, size), nearest=True) > 0.5
+        lesion_pixels = int(mask.sum())
+        if not lesion[:, :, z].any():
+            label = "normal"
+        elif lesion_pixels >= options.min_lesion_pixels:
+            label = "tumor"
+        else:
+            continue  # a lesion too small to call the slice either way
+        image = np.stack([to_uint8(resize2d(cut_box(c[:, :, z], box), (size, size))) for c in channels])
+        stem = f"{case.subject}_z{z:03d}"
+        name = _write_slice(os.path.join(out_root, split, label, stem), image, options.image_format)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(os.path.join(out_root, split, "seg", stem + ".png"))
+        rows.append(dict(
+            file=f"{split}/{label}/{name}", split=split, label=label, subject=case.subject,
+            slice_index=z, lesion_pixels=lesion_pixels, mask=f"{split}/seg/{stem}.png",
+            source=os.path.abspath(case.images[0]), seg_source=os.path.abspath(case.seg),
+            x0=box[0], x1=box[1], y0=box[2], y1=box[3],
+        ))
+    return rows
+
+
+def _export_job(job):
+    return export_case(*job)
+
+
+def _check_output_dir(out_root):
+    if os.path.exists(out_root):
+        if not os.path.isdir(out_root):
+            raise UserError(f"--out_dir {out_root}: exists and is not a directory")
+        if os.listdir(out_root) and not os.path.isfile(os.path.join(out_root, MANIFEST_NAME)):
+            raise UserError(f"--out_dir {out_root}: exists, is not empty and holds no {MANIFEST_NAME}; "
+                            f"refusing to replace it (choose a new or empty folder)")
+
+
+def replace_dir(tmp_dir, final_dir):
+    """Move a completed temporary folder to `final_dir`, replacing an earlier one there."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp makes it private
+    old = None
+    if os.path.exists(final_dir):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(final_dir)}.", suffix=".old",
+                               dir=os.path.dirname(os.path.abspath(final_dir)))
+        os.rmdir(old)
+        os.rename(final_dir, old)
+    os.rename(tmp_dir, final_dir)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_slice_dataset(cases, out_root, options, *, input_dir, val_fraction=0.1, seed=0, workers=1,
+                         extra_settings=None):
+    """Write the whole slice layout for `cases` to `out_root`; return {split: {label: count}}.
+
+    Subjects are split (never shared between splits), each split's slices written, and the
+    manifest and settings saved. All of it goes to a temporary folder first, so on any error
+    nothing is left behind and an earlier export at `out_root` stays untouched.
+    """
+    out_root = os.path.abspath(out_root)
+    _check_output_dir(out_root)
+    split_of = split_subjects([c.subject for c in cases], val_fraction, seed)
+    parent = os.path.dirname(out_root)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_root)}.", suffix=".tmp", dir=parent)
+    try:
+        for split in SPLITS:
+            for sub in CLASSES + ("seg",):
+                os.makedirs(os.path.join(tmp, split, sub))
+        jobs = [(case, split_of[case.subject], options, tmp) for case in cases]
+        rows = []
+        progress = dict(total=len(jobs), desc="subjects", unit="subject")
+        if workers > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                for case_rows in tqdm(pool.map(_export_job, jobs), **progress):
+                    rows.extend(case_rows)
+        else:
+            for case_rows in tqdm(map(_export_job, jobs), **progress):
+                rows.extend(case_rows)
+        counts = {s: {c: sum(r["split"] == s and r["label"] == c for r in rows) for c in CLASSES} for s in SPLITS}
+        for split in SPLITS:
+            has_subjects = split in split_of.values()
+            if has_subjects and counts[split]["tumor"] == 0:
+                raise UserError(f"{input_dir}: no {split} slice has at least --min_tumor_pixels "
+                                f"{options.min_lesion_pixels} lesion pixels, so {split}/tumor would be empty; nothing written")
+        rows.sort(key=lambda r: r["file"])
+        with open(os.path.join(tmp, MANIFEST_NAME), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+        settings = dict(
+            input_dir=os.path.abspath(input_dir), options=asdict(options), val_fraction=val_fraction, seed=seed, counts=counts,
+            subjects={s: sorted(k for k, v in split_of.items() if v == s) for s in SPLITS},
+            **(extra_settings or {}),
+        )
+        with open(os.path.join(tmp, SETTINGS_NAME), "w") as f:
+            json.dump(settings, f, indent=1, sort_keys=True)
+            f.write("\n")
+        replace_dir(tmp, out_root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return counts
+
+
+def format_counts(counts):
+    """One line per split: 'training: 1200 normal, 800 tumor'."""
+    return "\n".join(f"{s}: {counts[s]['normal']} normal, {counts[s]['tumor']} tumor" for s in SPLITS)
+
+
+# ----------------------------------------------------------------------------- back to 3-D
+
+
+def read_manifest(root):
+    """Rows of ROOT/manifest.csv as dicts, integer columns converted."""
+    path = os.path.join(root, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file (the prepare scripts write it beside training/ and validation/)")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in MANIFEST_FIELDS if c not in (reader.fieldnames or ())]
+        if missing:
+            raise UserError(f"{path}: not a slice manifest (missing columns {', '.join(missing)})")
+        rows = list(reader)
+    for row in rows:
+        for key in MANIFEST_INT_FIELDS:
+            row[key] = int(row[key])
+    return rows
+
+
+def paste_slices(rows, images, nearest=True, source=None):
+    """Put 2-D per-slice arrays back into the voxel grid of their source volume.
+
+    rows: manifest rows of one source volume; images: {row["file"]: 2-D array (H, W)}
+    (e.g. predicted masks at the written image size); slices without an entry stay zero.
+    Returns a float32 Nifti1Image on the source's own grid and affine.
+    """
+    if source is None:
+        sources = {r["source"] for r in rows}
+        if len(sources) != 1:
+            raise ValueError(f"rows come from {len(sources)} source volumes; pass one volume's rows")
+        source = sources.pop()
+    header_img = nib.load(source)
+    shape = header_img.shape[:3]
+    ornt = _canonical_ornt(header_img.affine)
+    canonical_shape = [0, 0, 0]
+    for axis, (new_axis, _) in enumerate(ornt):
+        canonical_shape[int(new_axis)] = shape[axis]
+    volume = np.zeros(canonical_shape, np.float32)
+    for row in rows:
+        if row["file"] not in images:
+            continue
+        box = (row["x0"], row["x1"], row["y0"], row["y1"])
+        image = resize2d(np.asarray(images[row["file"]], np.float32), (box[3] - box[2], box[1] - box[0]), nearest)
+        paste_box(volume[:, :, row["slice_index"]], image, box)
+    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
+    original = nib.orientations.apply_orientation(volume, back)
+    return nib.Nifti1Image(np.ascontiguousarray(original), header_img.affine)
