@@ -1,0 +1,322 @@
+"""Loaders for the 2-D slice layout (see data/README.md) and the seed's abdominal `.npy` volumes.
+
+    ROOT/training/{normal,tumor,seg}/   ROOT/validation/{normal,tumor,seg}/   (`validate` accepted)
+
+An image's label comes from its folder (normal = 0, tumor = 1); its mask, when there is
+one, is the file of the same stem in the split's `seg/` folder. Items are dicts:
+image float32 (C, H, W) in [-1, 1], label int64 scalar, mask float32 (1, H, W) in {0, 1}
+(all zeros when the image has none), has_mask bool, name (file name) and path.
+Everything is in sorted order; process k of n takes items k, k + n, k + 2n, ...
+Masks are only read for evaluation: training uses the image-level labels alone.
+"""
+
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .cli import UserError
+from .volumes import CLASSES, read_manifest
+
+SPLIT_DIRS = {"training": ("training",), "validation": ("validation", "validate")}
+PIL_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = PIL_EXTENSIONS + (".npy",)
+MASK_EXTENSIONS = (".png", ".npy", ".bmp", ".tif", ".tiff")  # lossless only
+
+
+def resolve_split_dir(root, split):
+    """Path of ROOT/training or ROOT/validation (ROOT/validate is accepted, as in the original code)."""
+    if split not in SPLIT_DIRS:
+        raise UserError(f"unknown split {split!r}; expected one of {', '.join(SPLIT_DIRS)}")
+    if not os.path.isdir(root):
+        raise UserError(f"--data_dir {root}: no such directory")
+    for name in SPLIT_DIRS[split]:
+        path = os.path.join(root, name)
+        if os.path.isdir(path):
+            return path
+    raise UserError(f"{os.path.join(root, split)}: no such directory (expected {split}/normal and {split}/tumor)")
+
+
+def list_slices(root, split, classes=CLASSES):
+    """Sorted (path, label) pairs of a split's images; label 0 = normal, 1 = tumor."""
+    split_dir = resolve_split_dir(root, split)
+    items = []
+    for name in classes:
+        folder = os.path.join(split_dir, name)
+        if os.path.isdir(folder):
+            label = CLASSES.index(name)
+            items += [(os.path.join(folder, f), label) for f in os.listdir(folder)
+                      if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+    if not items:
+        folders = " or ".join(os.path.join(split_dir, c) for c in classes)
+        raise UserError(f"{folders}: no images (.png, .jpg or .npy)")
+    return sorted(items)
+
+
+def _read_array(path, palette_indices=False):
+    """A file's pixels as a float32 array in [0, 1] ((H, W), (H, W, C) or, for .npy, as stored)."""
+    try:
+        if path.lower().endswith(".npy"):
+            array = np.load(path, allow_pickle=False)
+        else:
+            with Image.open(path) as img:
+                img.load()
+                if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                    array = np.asarray(img).astype(np.uint16)
+                elif img.mode in ("L", "F") or (img.mode == "P" and palette_indices):
+                    array = np.asarray(img)
+                elif img.mode in ("1", "LA"):
+                    array = np.asarray(img.convert("L"))
+                else:
+                    array = np.asarray(img.convert("RGB"))
+    except Exception as err:  # PIL and numpy raise many kinds for broken files
+        text = str(err).strip().splitlines()
+        raise UserError(f"{path}: cannot read image ({type(err).__name__}: {text[0] if text else ''})") from None
+    if array.dtype == np.uint8:
+        array = array.astype(np.float32) / 255.0
+    elif array.dtype == np.uint16:
+        array = array.astype(np.float32) / 65535.0
+    elif array.dtype == np.bool_:
+        array = array.astype(np.float32)
+    elif np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float32)
+        if array.size and (array.min() < -1e-3 or array.max() > 1 + 1e-3):
+            raise UserError(f"{path}: float pixel values must lie in [0, 1], found {array.min():.3g}..{array.max():.3g}")
+    else:
+        raise UserError(f"{path}: unsupported pixel type {array.dtype} (use uint8, uint16 or float in [0, 1])")
+    return array
+
+
+def _to_chw(array, path, in_channels):
+    if array.ndim == 2:
+        return array[None]
+    if array.ndim == 3 and path.lower().endswith(".npy"):
+        if array.shape[0] == in_channels:
+            return array
+        if array.shape[-1] == in_channels:
+            return np.moveaxis(array, -1, 0)
+        # otherwise channels are the short axis; the count is checked by the caller
+        return array if array.shape[0] < array.shape[-1] else np.moveaxis(array, -1, 0)
+    if array.ndim == 3:
+        return np.moveaxis(array, -1, 0)  # PIL gives (H, W, 3)
+    raise UserError(f"{path}: array of shape {array.shape}; expected (H, W), (C, H, W) or (H, W, C) "
+                    f"with C = --in_channels {in_channels}")
+
+
+def read_image(path, in_channels=1):
+    """An image file as float32 (in_channels, H, W) in [0, 1].
+
+    One channel is repeated to fill in_channels; from more channels the first in_channels
+    are taken, except that in_channels = 1 takes the mean of an RGB image's channels
+    (the grey value of a grey image saved as RGB).
+    """
+    array = _to_chw(_read_array(path), path, in_channels)
+    channels = array.shape[0]
+    if channels == in_channels:
+        return np.ascontiguousarray(array)
+    if channels == 1:
+        return np.repeat(array, in_channels, axis=0)
+    if in_channels == 1 and channels == 3 and not path.lower().endswith(".npy"):
+        return array.mean(0, keepdims=True)
+    if channels > in_channels:
+        return np.ascontiguousarray(array[:in_channels])
+    raise UserError(f"{path}: has {channels} channels but --in_channels is {in_channels}")
+
+
+def read_mask(path):
+    """A mask file as float32 (H, W) with 1 where any channel is nonzero."""
+    array = _read_array(path, palette_indices=True)  # a palette mask's indices are its labels
+    if array.ndim == 3:
+        array = array.max(axis=0 if path.lower().endswith(".npy") and array.shape[0] <= 4 else -1)
+    if array.ndim != 2:
+        raise UserError(f"{path}: mask of shape {array.shape}; expected (H, W)")
+    return (array > 0).astype(np.float32)
+
+
+def _resize(tensor, size, nearest):
+    if tensor.shape[-2:] == (size, size):
+        return tensor
+    if nearest:
+        return F.interpolate(tensor[None], size=(size, size), mode="nearest-exact")[0]
+    return F.interpolate(tensor[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def _label_of(path):
+    parent = os.path.basename(os.path.dirname(path))
+    return CLASSES.index(parent) if parent in CLASSES else 0
+
+
+class SliceDataset(torch.utils.data.Dataset):
+    """2-D slices of one split of the layout, in sorted order (see the module docstring for items).
+
+    files: optional list of paths or (path, label) pairs (e.g. from `select_fold`) instead of the
+    whole split. require_masks: every tumor image must have a mask (evaluation); normal images
+    without one are taken as lesion-free. Item i of the list goes to shard i % num_shards.
+    """
+
+    def __init__(self, root, split="training", image_size=None, in_channels=1, require_masks=False, files=None,
+                 shard=0, num_shards=1):
+        if files is None:
+            files = list_slices(root, split)
+        items = [(f, _label_of(f)) if isinstance(f, (str, os.PathLike)) else (f[0], int(f[1])) for f in files]
+        if not 0 <= shard < num_shards:
+            raise ValueError(f"shard {shard} is not in 0..{num_shards - 1}")
+        self.items = [(os.fspath(p), label) for p, label in items][shard::num_shards]
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self._seg_cache = {}
+        self.mask_paths = [self._find_mask(p) for p, _ in self.items]
+        if require_masks:
+            for (path, label), mask in zip(self.items, self.mask_paths):
+                if label == 1 and mask is None:
+                    seg = os.path.join(os.path.dirname(os.path.dirname(path)), "seg")
+                    raise UserError(f"{path}: tumor image without a mask in {seg} (needed for evaluation)")
+
+    def _find_mask(self, path):
+        seg_dir = os.path.join(os.path.dirname(os.path.dirname(path)), "seg")
+        if seg_dir not in self._seg_cache:
+            self._seg_cache[seg_dir] = set(os.listdir(seg_dir)) if os.path.isdir(seg_dir) else set()
+        names = self._seg_cache[seg_dir]
+        stem = os.path.splitext(os.path.basename(path))[0]
+        for ext in MASK_EXTENSIONS:
+            if stem + ext in names:
+                return os.path.join(seg_dir, stem + ext)
+        return None
+
+    def __len__(self):
+        return len(self.items)
+
+    def labels(self):
+        """The label of every item, without reading images."""
+        return [label for _, label in self.items]
+
+    def __getitem__(self, index):
+        path, label = self.items[index]
+        image = torch.from_numpy(read_image(path, self.in_channels))
+        mask_path = self.mask_paths[index]
+        if mask_path is not None:
+            mask = torch.from_numpy(read_mask(mask_path))[None]
+            if mask.shape[-2:] != image.shape[-2:]:
+                raise UserError(f"{mask_path}: mask is {tuple(mask.shape[-2:])} but image {path} is "
+                                f"{tuple(image.shape[-2:])}")
+        else:
+            mask = torch.zeros((1,) + tuple(image.shape[-2:]))
+        if self.image_size:
+            image = _resize(image, self.image_size, nearest=False)
+            mask = _resize(mask, self.image_size, nearest=True)
+        return dict(image=image * 2.0 - 1.0, label=torch.tensor(label, dtype=torch.int64), mask=mask,
+                    has_mask=mask_path is not None, name=os.path.basename(path), path=path)
+
+
+def select_fold(items, fold, num_folds):
+    """Fold `fold` of `num_folds` contiguous, near-equal parts of the sorted items."""
+    if num_folds < 1:
+        raise UserError(f"--num_folds must be at least 1, got {num_folds}")
+    if not 0 <= fold < num_folds:
+        raise UserError(f"--fold {fold} is out of range 0..{num_folds - 1} (--num_folds {num_folds})")
+    items = sorted(items)
+    start, stop = fold * len(items) // num_folds, (fold + 1) * len(items) // num_folds
+    if start == stop:
+        raise UserError(f"--fold {fold} of --num_folds {num_folds} is empty: only {len(items)} items")
+    return items[start:stop]
+
+
+class VolumeSliceDataset(torch.utils.data.Dataset):
+    """Axial slices of the original code's abdominal volumes: `.npy` arrays (Z, 2, H, W).
+
+    Channel 0 is the image in [0, 1], channel 1 the organ label map. The image-level label
+    is 1 when any of `class_indices` is present in the slice (the seed's class 2 meant both
+    kidneys, i.e. class_indices=(2, 3)). Items as in `SliceDataset`.
+    """
+
+    def __init__(self, volume_dir, files=None, image_size=128, class_indices=(1,), shard=0, num_shards=1):
+        if not os.path.isdir(volume_dir):
+            raise UserError(f"--data_dir {volume_dir}: no such directory")
+        files = sorted(files if files is not None else (f for f in os.listdir(volume_dir) if f.endswith(".npy")))
+        if not files:
+            raise UserError(f"{volume_dir}: no .npy volumes")
+        self.volumes, self.paths, self.items = {}, {}, []
+        for name in files:
+            path = os.path.join(volume_dir, name)
+            try:
+                volume = np.load(path, mmap_mode="r", allow_pickle=False)
+            except Exception as err:
+                raise UserError(f"{path}: cannot read volume ({type(err).__name__})") from None
+            if volume.ndim != 4 or volume.shape[1] != 2:
+                raise UserError(f"{path}: shape {volume.shape}; expected (Z, 2, H, W)")
+            self.volumes[name], self.paths[name] = volume, path
+            present = np.isin(np.asarray(volume[:, 1]).astype(np.int64), class_indices).any(axis=(1, 2))
+            self.items += [(name, z, int(present[z])) for z in range(volume.shape[0])]
+        self.items = self.items[shard::num_shards]
+        self.image_size = image_size
+        self.class_indices = tuple(class_indices)
+
+    def __len__(self):
+        return len(self.items)
+
+    def labels(self):
+        return [label for _, _, label in self.items]
+
+    def __getitem__(self, index):
+        name, z, label = self.items[index]
+        pair = np.asarray(self.volumes[name][z], dtype=np.float32)
+        image = torch.from_numpy(np.clip(pair[0], 0.0, 1.0))[None]
+        mask = torch.from_numpy(np.isin(pair[1].astype(np.int64), self.class_indices).astype(np.float32))[None]
+        if self.image_size:
+            image = _resize(image, self.image_size, nearest=False)
+            mask = _resize(mask, self.image_size, nearest=True)
+        return dict(image=image * 2.0 - 1.0, label=torch.tensor(label, dtype=torch.int64), mask=mask,
+                    has_mask=True, name=f"{os.path.splitext(name)[0]}_z{z:03d}", path=self.paths[name])
+
+
+def iterate_batches(dataset, *, batch_size, class_cond=True, deterministic=False, seed=0):
+    """Endless (images (B, C, H, W), {"y": labels (B,)}) batches; "y" only when class_cond.
+
+    Reshuffled every epoch by a generator seeded with `seed` (sequential if deterministic);
+    the last incomplete batch of an epoch is dropped.
+    """
+    if len(dataset) < batch_size:
+        raise UserError(f"--batch_size {batch_size} is larger than the {len(dataset)} images of this process")
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        if deterministic:
+            order = list(range(len(dataset)))
+        else:
+            order = torch.randperm(len(dataset), generator=generator).tolist()
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            items = [dataset[i] for i in order[start:start + batch_size]]
+            images = torch.stack([item["image"] for item in items])
+            cond = {"y": torch.stack([item["label"] for item in items])} if class_cond else {}
+            yield images, cond
+
+
+def load_data(*, data_dir, batch_size, image_size, in_channels=1, class_cond=True, deterministic=False, shard=0,
+              num_shards=1, split="training", seed=0):
+    """Endless DDPM training batches from the slice layout (openai style): see `iterate_batches`.
+
+    class_cond needs both normal and tumor images; the process `shard` of `num_shards` sees
+    its own share of the sorted files.
+    """
+    files = list_slices(data_dir, split)
+    if class_cond:
+        present = {label for _, label in files}
+        for label, name in enumerate(CLASSES):
+            if label not in present:
+                folder = os.path.join(resolve_split_dir(data_dir, split), name)
+                raise UserError(f"{folder}: no images; class-conditional training needs both normal and tumor "
+                                f"slices (or pass --class_cond False)")
+    if len(files) < num_shards:
+        raise UserError(f"--data_dir {data_dir}: {len(files)} images cannot be shared by {num_shards} processes")
+    dataset = SliceDataset(data_dir, split, image_size=image_size, in_channels=in_channels, files=files,
+                           shard=shard, num_shards=num_shards)
+    return iterate_batches(dataset, batch_size=batch_size, class_cond=class_cond, deterministic=deterministic,
+                           seed=seed)
+
+
+def load_volume_manifest(root):
+    """Rows of ROOT/manifest.csv (one per slice: file, split, label, subject, slice_index, lesion_pixels,
+    mask, source, seg_source, x0, x1, y0, y1) for putting slice predictions back into volumes
+    (see `volumes.paste_slices`)."""
+    return read_manifest(root)
