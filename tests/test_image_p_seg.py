@@ -1,0 +1,211 @@
+"""scripts/image_p_seg.py end to end on tiny checkpoints and a tiny generated NIfTI-derived dataset."""
+
+import csv
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from guided_diffusion import script_util
+from guided_diffusion.checkpoint_util import write_args_json
+from guided_diffusion.cli import UserError
+from guided_diffusion.metrics import dice_3d
+from guided_diffusion.volumes import SliceOptions, VolumeCase, export_slice_dataset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "scripts", "image_p_seg.py")
+
+spec = importlib.util.spec_from_file_location("image_p_seg", SCRIPT)
+image_p_seg = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(image_p_seg)
+
+TINY = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="16",
+            diffusion_steps=100)
+TINY_CLASSIFIER = dict(image_size=32, classifier_width=32, classifier_depth=1, classifier_attention_resolutions="16",
+                       classifier_channel_mult="1,2", classifier_num_head_channels=32, diffusion_steps=100)
+AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
+
+
+def write_subject(folder, subject, seed):
+    """A 24x24x8 'brain' (an ellipse of tissue) with a bright cuboid lesion in slices 2..5."""
+    rng = np.random.default_rng(seed)
+    xx, yy = np.meshgrid(np.arange(24), np.arange(24), indexing="ij")
+    brain = ((xx - 11.5) / 10) ** 2 + ((yy - 11.5) / 9) ** 2 < 1
+    volume = np.where(brain[..., None], rng.uniform(0.3, 0.6, (24, 24, 8)), 0).astype(np.float32)
+    seg = np.zeros((24, 24, 8), np.int16)
+    x0, y0 = 6 + seed % 4, 8
+    seg[x0:x0 + 6, y0:y0 + 7, 2:6] = 1
+    volume[seg > 0] = 1.0
+    os.makedirs(os.path.join(folder, subject), exist_ok=True)
+    flair = os.path.join(folder, subject, f"{subject}_flair.nii.gz")
+    seg_path = os.path.join(folder, subject, f"{subject}_seg.nii.gz")
+    nib.save(nib.Nifti1Image(volume, AFFINE), flair)
+    nib.save(nib.Nifti1Image(seg, AFFINE), seg_path)
+    return VolumeCase(subject, (flair,), seg_path)
+
+
+def write_model(directory, **overrides):
+    config = script_util.model_and_diffusion_defaults()
+    config.update(TINY, **overrides)
+    torch.manual_seed(0)
+    model, _ = script_util.create_model_and_diffusion(**config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # the zero-initialised output layer would make every map zero
+    os.makedirs(directory, exist_ok=True)
+    torch.save(model.state_dict(), os.path.join(directory, "model000000.pt"))
+    write_args_json(directory, config)
+    return os.path.join(directory, "model000000.pt")
+
+
+def write_classifier(directory, **overrides):
+    config = script_util.classifier_and_diffusion_defaults()
+    config.update(TINY_CLASSIFIER, **overrides)
+    torch.manual_seed(1)
+    classifier = script_util.create_classifier(**{k: config[k] for k in script_util.classifier_defaults()})
+    with torch.no_grad():
+        for p in classifier.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    os.makedirs(directory, exist_ok=True)
+    torch.save(classifier.state_dict(), os.path.join(directory, "model000000.pt"))
+    write_args_json(directory, config)
+    return os.path.join(directory, "model000000.pt")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seg")
+    raw = root / "raw"
+    cases = [write_subject(str(raw), f"S{i}", i) for i in range(3)]
+    slices = str(root / "slices")
+    export_slice_dataset(cases, slices, SliceOptions(image_size=32, min_lesion_pixels=4), input_dir=str(raw),
+                         val_fraction=0.34, seed=0)
+    return dict(
+        root=root,
+        slices=slices,
+        model=write_model(str(root / "ddpm")),
+        classifier=write_classifier(str(root / "cls")),
+    )
+
+
+def run(setup, out, *extra):
+    args = ["--src_dir", setup["slices"], "--model_path", setup["model"], "--out_dir", str(out),
+            "--noise_level", "0.1", "--steps", "3", "--batch_size", "3", "--grid_images", "2", *extra]
+    image_p_seg.main(args)
+    return out
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def tumour_slices(setup):
+    folder = os.path.join(setup["slices"], "validation", "tumor")
+    return sorted(os.listdir(folder))
+
+
+@pytest.mark.parametrize("method", ["cdm", "cg-cdm", "cg-diff", "anomaly", "cam", "gradcam", "gradcam++", "layercam",
+                                    "scorecam"])
+def test_every_method_writes_every_output(setup, tmp_path, method):
+    out = run(setup, tmp_path / method, "--method", method, "--classifier_path", setup["classifier"],
+              "--stride", "2")
+    names = tumour_slices(setup)
+    assert len(names) == 4  # the validation subject's four lesion slices
+    rows = read_csv(out / "metrics.csv")
+    assert [r["name"] for r in rows] == names
+    for row in rows:
+        dice = float(row["dice"])
+        assert 0 <= dice <= 1 and row["label"] == "1"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == method and summary["n_images"] == 4 and summary["seconds_per_image"] > 0
+    for kind in ("otsu", "largest_component"):
+        assert summary[kind]["n"] == 4
+        assert summary[kind]["dice_mean"] == pytest.approx(np.mean([float(r["dice" if kind == "otsu" else "dice_lcc"])
+                                                                     for r in rows]))
+    saved = np.load(out / "saliency.npz")
+    assert saved["maps"].shape == (4, 32, 32) and list(saved["names"]) == names
+    for folder in ("masks", "masks_lcc"):
+        pngs = sorted(os.listdir(out / folder))
+        assert pngs == [os.path.splitext(n)[0] + ".png" for n in names]
+        mask = np.asarray(Image.open(out / folder / pngs[0]))
+        assert mask.shape == (32, 32) and set(np.unique(mask)) <= {0, 255}
+    assert (out / "grid.png").stat().st_size > 1000
+    assert (out / "log.txt").exists()
+    assert not [f for f in os.listdir(out) if f.startswith(".")]  # no temporary files left
+
+
+def test_tau_ablation_in_one_run_matches_single_runs_with_other_batches(setup, tmp_path):
+    out = run(setup, tmp_path / "ablation", "--tau", "0.95,0", "--batch_size", "4")
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["variants"]) == {"tau_0.95", "tau_0"}
+    assert summary["variants"]["tau_0"]["settings"]["tau"] == 0.0
+    single = run(setup, tmp_path / "single", "--tau", "0", "--batch_size", "3")
+    ablation_maps = np.load(out / "tau_0" / "saliency.npz")["maps"]
+    single_maps = np.load(single / "saliency.npz")["maps"]
+    assert np.abs(single_maps).max() > 0
+    np.testing.assert_allclose(ablation_maps, single_maps, rtol=1e-4, atol=1e-4 * np.abs(single_maps).max())
+    for variant in ("tau_0.95", "tau_0"):
+        assert (out / variant / "metrics.csv").exists() and (out / variant / "grid.png").exists()
+
+
+def test_volumes_are_pasted_on_the_source_grid_with_3d_dice(setup, tmp_path):
+    out = run(setup, tmp_path / "vol", "--volumes", "True")
+    rows = read_csv(out / "volumes.csv")
+    assert len(rows) == 1
+    subject = rows[0]["subject"]
+    assert int(rows[0]["slices_evaluated"]) == 4
+    prediction = nib.load(out / "volumes" / f"{subject}_pred.nii.gz")
+    np.testing.assert_array_equal(prediction.affine, AFFINE)
+    assert prediction.shape == (24, 24, 8)
+    predicted = np.asarray(prediction.dataobj) > 0
+    assert not predicted[..., [0, 1, 6, 7]].any()  # only the evaluated (lesion) slices can hold predictions
+    gt = np.asarray(nib.load(setup["root"] / "raw" / subject / f"{subject}_seg.nii.gz").dataobj) > 0
+    assert float(rows[0]["dice_3d"]) == pytest.approx(dice_3d(predicted, gt))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["volumes"]["dice_3d_mean"] == pytest.approx(float(rows[0]["dice_3d"]))
+
+
+def test_seed_classifier_location_and_guided_switch(setup, tmp_path):
+    out = run(setup, tmp_path / "guided", "--guided", "--save_dir", os.path.dirname(setup["classifier"]),
+              "--max_images", "2")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "cg-cdm" and summary["n_images"] == 2
+    assert summary["settings"]["classifier_path"] == setup["classifier"]
+
+
+def test_user_errors(setup, tmp_path):
+    with pytest.raises(UserError, match="--method"):
+        run(setup, tmp_path / "e1", "--method", "magic")
+    with pytest.raises(UserError, match="--classifier_path is required"):
+        run(setup, tmp_path / "e2", "--method", "cg-cdm")
+    unconditional = write_model(str(tmp_path / "uncond"), class_cond=False)
+    with pytest.raises(UserError, match="not class-conditional"):
+        image_p_seg.main(["--src_dir", setup["slices"], "--model_path", unconditional, "--out_dir", str(tmp_path / "e3")])
+    other = write_classifier(str(tmp_path / "cls50"), diffusion_steps=50)
+    with pytest.raises(UserError, match="diffusion_steps"):
+        run(setup, tmp_path / "e4", "--method", "cg-cdm", "--classifier_path", other)
+    no_masks = tmp_path / "no_masks"
+    shutil.copytree(setup["slices"], no_masks)
+    shutil.rmtree(no_masks / "validation" / "seg")
+    with pytest.raises(UserError, match="no tumour image"):
+        image_p_seg.main(["--src_dir", str(no_masks), "--model_path", setup["model"], "--out_dir", str(tmp_path / "e5")])
+
+
+def test_errors_exit_2_with_one_line_and_no_traceback(setup, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, SCRIPT, "--src_dir", setup["slices"], "--model_path", setup["model"],
+                             "--method", "cg-cdm", "--out_dir", str(tmp_path / "x")],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("error: --classifier_path is required")
