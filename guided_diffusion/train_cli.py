@@ -169,10 +169,15 @@ def prepare_save_dir(save_dir, resuming):
 
 
 def config_from_flags(args, explicit, keys):
-    """The flags in `keys`, with the dataset's image size and size-appropriate attention when not typed."""
+    """The flags in `keys`, with the dataset's image size when --image_size is not typed."""
     config = {k: getattr(args, k) for k in keys}
     if "image_size" not in explicit:
         config["image_size"] = DATASET_IMAGE_SIZE[args.dataset]
+    return config
+
+
+def with_size_defaults(config, explicit):
+    """Attention resolutions that exist at the configured image size, unless typed."""
     for key, value in SIZE_DEFAULTS.get(config["image_size"], {}).items():
         if key in config and key not in explicit:
             config[key] = value
@@ -263,7 +268,8 @@ def ddpm_main(argv=None, *, description, **overrides):
     ema_rates = parse_ema_rates(args.ema_rate)
     resume_path = _start(args, ema_rates)
     keys = list(model_and_diffusion_defaults())
-    config = resumed_config(config_from_flags(args, explicit, keys), resume_path, args, explicit, keys)
+    config = with_size_defaults(config_from_flags(args, explicit, keys), explicit)
+    config = resumed_config(config, resume_path, args, explicit, keys)
     if dist_util.is_main_process():
         write_args_json(args.save_dir, {**config, **_train_flags(args, {**train_defaults(), **overrides})})
     logger.log(f"training a DDPM on {args.src_dir} with {dist_util.get_world_size()} process(es)")
@@ -308,6 +314,7 @@ def classifier_config(args, explicit, resume_path):
         ddpm = read_args_json(source, "--diffusion_config")
         shared = [k for k in DDPM_SHARED_KEYS if k in ddpm]
         config.update(merge_config(ddpm, args, explicit, shared, source))
+    config = with_size_defaults(config, explicit)
     resumed = resumed_config(config, resume_path, args, explicit, keys)
     if ddpm is not None:
         for key in DDPM_SHARED_KEYS:

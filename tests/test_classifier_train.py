@@ -199,3 +199,23 @@ def test_resnet_classifier_trains_through_the_script(tmp_path):
                        "--image_size", "16", "--dataset", "demo", "--iterations", "1", *CLASSIFIER_FLAGS])
     state = torch.load(tmp_path / "run" / "model000001.pt")
     assert any(k.startswith("layer4") or ".layer4." in k for k in state)
+
+
+def test_classifier_configuration_follows_the_ddpm_image_size(tmp_path):
+    import json
+
+    from guided_diffusion.checkpoint_util import explicit_flags
+    from guided_diffusion.train_cli import classifier_config, classifier_parser
+
+    ddpm_args = tmp_path / "args.json"
+    ddpm_args.write_text(json.dumps({"image_size": 64, "diffusion_steps": 4000, "noise_schedule": "cosine",
+                                     "rescale_timesteps": True, "in_channels": 4, "num_classes": 2}))
+    parser = classifier_parser("test")
+    for argv, expected in [
+        (["--diffusion_config", str(ddpm_args)], (64, "32,16,8", 4000, "cosine", 4)),
+        ([], (224, "28,14,7", 4000, "linear", 1)),  # --dataset brats: 224 px, attention maps that exist there
+        (["--dataset", "synapse", "--diffusion_steps", "1000"], (128, "32,16,8", 1000, "linear", 1)),
+    ]:
+        config = classifier_config(parser.parse_args(argv), explicit_flags(parser, argv), None)
+        keys = ("image_size", "classifier_attention_resolutions", "diffusion_steps", "noise_schedule", "in_channels")
+        assert tuple(config[k] for k in keys) == expected, argv
