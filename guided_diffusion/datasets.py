@@ -83,7 +83,8 @@ def _read_array(path, palette_indices=False):
     elif np.issubdtype(array.dtype, np.floating):
         array = array.astype(np.float32)
         if array.size and (array.min() < -1e-3 or array.max() > 1 + 1e-3):
-            raise UserError(f"{path}: float pixel values must lie in [0, 1], found {array.min():.3g}..{array.max():.3g}")
+            raise UserError(f"{path}: float pixel values must lie in [0, 1], "
+                            f"found {array.min():.3g}..{array.max():.3g}")
     else:
         raise UserError(f"{path}: unsupported pixel type {array.dtype} (use uint8, uint16 or float in [0, 1])")
     return array

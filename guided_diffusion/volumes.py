@@ -90,15 +90,16 @@ def parse_int_list(text, flag):
 
 def check_slice_options(options):
     """UserError naming the flag for any setting that cannot work."""
+    o = options
     checks = [
-        (options.image_size >= 8, f"--image_size must be at least 8, got {options.image_size}"),
-        (options.min_lesion_pixels >= 1, f"--min_tumor_pixels must be at least 1, got {options.min_lesion_pixels}"),
-        (0 <= options.min_brain_fraction <= 1, f"--min_brain_fraction must be in [0, 1], got {options.min_brain_fraction}"),
-        (0 <= options.clip_percentiles[0] < options.clip_percentiles[1] <= 100,
-         f"--clip_percentiles must be LOW HIGH with 0 <= LOW < HIGH <= 100, got {options.clip_percentiles}"),
-        (options.ct_window[0] < options.ct_window[1], f"--ct_window must be LOW HIGH with LOW < HIGH, got {options.ct_window}"),
-        (options.crop_margin >= 0, f"--crop_margin must be at least 0, got {options.crop_margin}"),
-        (options.image_format in ("png", "jpg", "npy"), f"--format must be png, jpg or npy, got {options.image_format}"),
+        (o.image_size >= 8, f"--image_size must be at least 8, got {o.image_size}"),
+        (o.min_lesion_pixels >= 1, f"--min_tumor_pixels must be at least 1, got {o.min_lesion_pixels}"),
+        (0 <= o.min_brain_fraction <= 1, f"--min_brain_fraction must be in [0, 1], got {o.min_brain_fraction}"),
+        (0 <= o.clip_percentiles[0] < o.clip_percentiles[1] <= 100,
+         f"--clip_percentiles must be LOW HIGH with 0 <= LOW < HIGH <= 100, got {o.clip_percentiles}"),
+        (o.ct_window[0] < o.ct_window[1], f"--ct_window must be LOW HIGH with LOW < HIGH, got {o.ct_window}"),
+        (o.crop_margin >= 0, f"--crop_margin must be at least 0, got {o.crop_margin}"),
+        (o.image_format in ("png", "jpg", "npy"), f"--format must be png, jpg or npy, got {o.image_format}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -424,14 +425,16 @@ def export_slice_dataset(cases, out_root, options, *, input_dir, val_fraction=0.
             has_subjects = split in split_of.values()
             if has_subjects and counts[split]["tumor"] == 0:
                 raise UserError(f"{input_dir}: no {split} slice has at least --min_tumor_pixels "
-                                f"{options.min_lesion_pixels} lesion pixels, so {split}/tumor would be empty; nothing written")
+                                f"{options.min_lesion_pixels} lesion pixels, so {split}/tumor would be empty; "
+                                f"nothing written")
         rows.sort(key=lambda r: r["file"])
         with open(os.path.join(tmp, MANIFEST_NAME), "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
             writer.writeheader()
             writer.writerows(rows)
         settings = dict(
-            input_dir=os.path.abspath(input_dir), options=asdict(options), val_fraction=val_fraction, seed=seed, counts=counts,
+            input_dir=os.path.abspath(input_dir), options=asdict(options), val_fraction=val_fraction, seed=seed,
+            counts=counts,
             subjects={s: sorted(k for k, v in split_of.items() if v == s) for s in SPLITS},
             **(extra_settings or {}),
         )

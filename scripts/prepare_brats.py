@@ -37,9 +37,11 @@ def create_argparser():
     p.add_argument("--min_brain_fraction", type=float, default=0.3,
                    help="skip slices whose brain area is below this fraction of the subject's largest (default: 0.3)")
     p.add_argument("--clip_percentiles", type=float, nargs=2, default=(0.5, 99.5), metavar=("LOW", "HIGH"),
-                   help="brain-voxel percentiles mapped to black and white, per volume and modality (default: 0.5 99.5)")
+                   help="brain-voxel percentiles mapped to black and white, per volume and modality "
+                        "(default: 0.5 99.5)")
     p.add_argument("--crop", choices=("brain", "none"), default="brain",
-                   help="cut a square around the subject's brain before resizing, or keep the whole slice (default: brain)")
+                   help="cut a square around the subject's brain before resizing, or keep the whole slice "
+                        "(default: brain)")
     p.add_argument("--crop_margin", type=int, default=4, help="voxels added around the brain's box (default: 4)")
     p.add_argument("--format", choices=("png", "jpg"), default="png",
                    help="file type of one-channel images; several channels are always .npy (default: png)")
@@ -59,8 +61,8 @@ def main(argv=None):
     ))
     modalities = parse_modalities(args.modality)
     cases = find_brats_cases(args.input_dir, modalities)
-    counts = export_slice_dataset(cases, args.out_dir, options, input_dir=args.input_dir, val_fraction=args.val_fraction,
-                                  seed=args.seed, workers=max(1, args.workers),
+    counts = export_slice_dataset(cases, args.out_dir, options, input_dir=args.input_dir,
+                                  val_fraction=args.val_fraction, seed=args.seed, workers=max(1, args.workers),
                                   extra_settings=dict(dataset="brats", modalities=list(modalities)))
     print(format_counts(counts))
     print(f"wrote {args.out_dir}")

@@ -49,8 +49,8 @@ def main(argv=None):
         image_format=args.format,
     ))
     cases = find_btcv_cases(args.input_dir)
-    counts = export_slice_dataset(cases, args.out_dir, options, input_dir=args.input_dir, val_fraction=args.val_fraction,
-                                  seed=args.seed, workers=max(1, args.workers),
+    counts = export_slice_dataset(cases, args.out_dir, options, input_dir=args.input_dir,
+                                  val_fraction=args.val_fraction, seed=args.seed, workers=max(1, args.workers),
                                   extra_settings=dict(dataset="synapse", class_index=list(class_indices)))
     print(format_counts(counts))
     print(f"wrote {args.out_dir}")

@@ -360,9 +360,9 @@ def test_refuses_to_replace_an_unrelated_folder(brats_dir, tmp_path):
 
 
 def test_script_reports_one_line_and_exit_status_2(tmp_path):
-    result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "scripts", "prepare_brats.py"), "--input_dir", str(tmp_path / "nope"),
-         "--out_dir", str(tmp_path / "out")], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [sys.executable, os.path.join(REPO, "scripts", "prepare_brats.py"),
+               "--input_dir", str(tmp_path / "nope"), "--out_dir", str(tmp_path / "out")]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: --input_dir {tmp_path / 'nope'}: no such directory"]
 
