@@ -453,8 +453,12 @@ class TrainLoopBase:
         return tuple(bool(v) for v in t.tolist())
 
     def _fail_non_finite(self, value):
-        last = checkpoint_files(self.save_dir, self.last_good_step(), self.ema_rates)["model"]
-        where = f"the last good checkpoint is {last}" if self.last_good_step() is not None else "no checkpoint was saved yet"
+        good = self.last_good_step()
+        if good is None:
+            where = "no checkpoint was saved yet"
+        else:
+            directory = os.path.dirname(self.resume_path) if good == self.step and self.last_saved is None else self.save_dir
+            where = f"the last good checkpoint is {checkpoint_files(directory, good, self.ema_rates)['model']}"
         what = "loss" if value is None else f"loss {value}"
         message = (f"non-finite {what} at step {self.step + 1}; stopped without saving it ({where}); "
                    f"lower --lr or check the data, then resume with --resume_checkpoint auto")

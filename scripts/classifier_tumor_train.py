@@ -5,7 +5,7 @@ args.json so that T, the schedule and the timestep scaling agree (a typed flag t
 error). Validation (accuracy and AUROC, overall and per quarter of the noise range) goes to
 progress.csv every --eval_interval steps. Example:
 
-    CLASSIFIER_FLAGS="--model_type encoder --classifier_width 32 --classifier_depth 1"
+    CLASSIFIER_FLAGS="--model_type encoder --classifier_width 32 --classifier_depth 1 --classifier_num_head_channels 32"
     TRAIN_FLAGS="--iterations 3000 --batch_size 16 --lr 3e-4 --anneal_lr True --save_interval 1000"
     python scripts/classifier_tumor_train.py --dataset demo --src_dir data/demo/slices \\
         --save_dir runs/demo_classifier --diffusion_config runs/demo_ddpm/args.json \\

@@ -433,3 +433,12 @@ def test_abdominal_script_reads_npy_volumes(tmp_path):
                                "--max_steps", "1", "--workers", "0", *flags])
     assert sorted(loop.data.dataset.labels()) == [0] * 6 + [1] * 4
     assert os.path.isfile(tmp_path / "run" / "model000001.pt")
+
+
+def test_nan_before_any_checkpoint_says_so(tmp_path):
+    batches = linear_batches(3)
+    batches[0][0][0, 0, 0, 0] = float("inf")
+    loop = linear_loop(tmp_path, batches, max_steps=3)
+    with pytest.raises(NonFiniteLossError, match="step 1; stopped without saving it \\(no checkpoint was saved yet\\)"):
+        loop.run_loop()
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".pt")]
