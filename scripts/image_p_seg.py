@@ -94,7 +94,7 @@ HELP = {
     "method": "cdm, cg-cdm (paper), cg-diff (original ancestral variant), anomaly (DDIM reconstruction with "
               "guidance), or a CAM baseline: " + ", ".join(CAM_METHODS),
     "split": "which split's tumour slices to segment",
-    "fold": "evaluate fold k of --num_folds contiguous folds of the sorted tumour slices (also -f)",
+    "fold": "evaluate fold k of --num_folds contiguous folds of the sorted tumour slices",
     "num_folds": "number of folds (1: every tumour slice)",
     "batch_size": "images per batch (CDM runs both branches of a batch in one UNet call per step)",
     "max_images": "evaluate at most this many images (0: all)",
@@ -106,7 +106,8 @@ HELP = {
     "classifier_scale": "classifier guidance scale s (paper 10); 0 disables guidance",
     "healthy_label": "the class index of healthy images, y0",
     "clip_denoised": "clip the predicted x0 to [-1, 1] in each step",
-    "abs_map": "sum |a| over channels instead of the signed a (cdm, cg-cdm, cg-diff)",
+    "abs_map": "sum |a| over channels instead of the signed a (cdm, cg-cdm, cg-diff); the signed map (paper) "
+               "marks lesions the tumour label makes brighter, |a| also finds darker ones",
     "seed": "seed of the noise draw (each image's noise depends only on the seed and its position)",
     "grid_images": "images shown in grid.png",
     "volumes": "paste masks back into NIfTI volumes (needs manifest.csv in --src_dir) and report 3-D Dice",
@@ -121,7 +122,8 @@ def create_argparser():
     for key, value in segmentation_defaults().items():
         value_type = str2bool if isinstance(value, bool) else type(value)
         names = [f"--{key}"] + (["-f"] if key == "fold" else [])
-        parser.add_argument(*names, dest=key, default=value, type=value_type, help=f"{HELP[key]} (default: {value!r})")
+        shown = "" if value == "" or "default" in HELP[key] else f" (default: {value})"
+        parser.add_argument(*names, dest=key, default=value, type=value_type, help=HELP[key] + shown)
     parser.add_argument("--guided", nargs="?", const=True, default=False, type=str2bool,
                         help="the original code's switch: same as --method cg-cdm")
     checked = parser.add_argument_group(
@@ -202,7 +204,7 @@ def check_classifier_fits(classifier_config, image_size, in_channels, num_classe
     for key, value in wanted.items():
         if value is not None and classifier_config.get(key) != value:
             raise UserError(f"--classifier_path {path}: classifier has {key}={classifier_config.get(key)} but the "
-                            f"{'DDPM' if key != 'num_classes' else 'data'} needs {key}={value}")
+                            f"DDPM has {key}={value}")
 
 
 # ---------------------------------------------------------------------------------------------
