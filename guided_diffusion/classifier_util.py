@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from scipy.stats import rankdata
 
 from . import dist_util, logger
+from .cli import UserError
 from .resample import LossAwareSampler, UniformSampler
 from .train_util import TrainLoopBase, log_loss_dict
 
@@ -79,7 +80,7 @@ def classification_metrics(probs, labels, timesteps, num_timesteps, prefix="val"
 
 @torch.no_grad()
 def evaluate_classifier(model, diffusion, dataset, *, noised=True, batch_size=32, max_images=512, seed=0,
-                        device=None):
+                        device=None, max_timestep=None):
     """Validation metrics of `model` on `dataset` (items with `image` and `label`).
 
     The same (at most `max_images`) images get the same timesteps and noise at every evaluation
@@ -91,7 +92,7 @@ def evaluate_classifier(model, diffusion, dataset, *, noised=True, batch_size=32
     subset = np.arange(n)
     if max_images and n > max_images:
         subset = np.sort(np.random.default_rng([seed, 1]).permutation(n)[:max_images])
-    num_timesteps = diffusion.num_timesteps
+    num_timesteps = max_timestep or diffusion.num_timesteps
     if noised:
         timesteps = np.random.default_rng([seed, 2]).integers(0, num_timesteps, size=len(subset))
     else:
@@ -130,14 +131,19 @@ class ClassifierTrainLoop(TrainLoopBase):
 
     :param noised: if False, train on clean images at t=0 (a plain classifier).
     :param val_dataset: dataset for validation every `eval_interval` steps (None or 0: never).
+    :param max_noise_level: train and validate on timesteps below this fraction of T only (uniformly),
+        e.g. 0.25 when the classifier will only guide CG-CDM at t = 0.1 T; 1.0 uses the whole chain.
     """
 
     plot_keys = ("train_loss", "val_loss", "val_acc", "val_auroc")
 
     def __init__(self, *, model, diffusion, noised=True, schedule_sampler=None, val_dataset=None,
-                 eval_interval=0, val_batch_size=None, val_max_images=512, **kwargs):
+                 eval_interval=0, val_batch_size=None, val_max_images=512, max_noise_level=1.0, **kwargs):
+        if not 0 < max_noise_level <= 1:
+            raise UserError(f"--max_noise_level {max_noise_level}: expected a fraction in (0, 1]")
         self.diffusion = diffusion
         self.noised = noised
+        self.max_timestep = max(1, int(round(max_noise_level * diffusion.num_timesteps)))
         self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
         self.val_dataset = val_dataset
         self.eval_interval = eval_interval
@@ -149,7 +155,10 @@ class ClassifierTrainLoop(TrainLoopBase):
     def compute_loss(self, batch, cond):
         labels = cond["y"]
         weights = torch.ones(batch.shape[0], device=self.device)
-        if self.noised:
+        if self.noised and self.max_timestep < self.diffusion.num_timesteps:
+            t = torch.randint(0, self.max_timestep, (batch.shape[0],), device=self.device)
+            batch = self.diffusion.q_sample(batch, t)
+        elif self.noised:
             t, weights = self.schedule_sampler.sample(batch.shape[0], self.device)
             batch = self.diffusion.q_sample(batch, t)
         else:
@@ -168,6 +177,6 @@ class ClassifierTrainLoop(TrainLoopBase):
             return
         metrics = evaluate_classifier(
             self.model, self.diffusion, self.val_dataset, noised=self.noised, batch_size=self.val_batch_size,
-            max_images=self.val_max_images, seed=self.seed, device=self.device,
+            max_images=self.val_max_images, seed=self.seed, device=self.device, max_timestep=self.max_timestep,
         )
         logger.logkvs(metrics)

@@ -65,6 +65,8 @@ TRAIN_HELP = {
     "eval_interval": "validate every this many steps (0: never)",
     "val_split": "subfolder of --src_dir used for validation",
     "val_max_images": "validate on at most this many images (a fixed random subset)",
+    "max_noise_level": "train and validate on timesteps t < this fraction of T only (1: the whole chain); "
+    "CG-CDM queries the classifier near --noise_level",
     "diffusion_config": "the DDPM's args.json: its diffusion, image size, channels and classes are used",
     "class_index": "for a --src_dir of .npy volumes (Z, 2, H, W): organ label(s) that make a slice positive, "
                    "comma-separated (2,3 = both kidneys)",
@@ -115,6 +117,7 @@ def classifier_train_defaults():
         eval_interval=100,
         val_split="validation",
         val_max_images=512,
+        max_noise_level=1.0,
     )
     return defaults
 
@@ -360,6 +363,7 @@ def classifier_main(argv=None, *, description, **overrides):
         model=model, diffusion=diffusion, data=data, noised=args.noised,
         schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
         val_dataset=val_dataset, eval_interval=args.eval_interval, val_max_images=args.val_max_images,
+        max_noise_level=args.max_noise_level,
         batch_size=args.batch_size, microbatch=args.microbatch, lr=args.lr, ema_rate=args.ema_rate,
         log_interval=args.log_interval, save_interval=args.save_interval, resume_checkpoint=resume_path or "",
         save_dir=args.save_dir, use_fp16=config["classifier_use_fp16"], amp=args.amp,

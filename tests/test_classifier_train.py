@@ -113,6 +113,19 @@ def test_classifier_learns_and_validates_by_noise_bucket(tmp_path):
     assert {f"val_acc_q{b}" for b in range(4)} <= set(again)
 
 
+def test_max_noise_level_limits_training_and_validation_timesteps(tmp_path, monkeypatch):
+    loop = classifier_loop(tmp_path, max_steps=3, max_noise_level=0.25)
+    seen = []
+    original = loop.diffusion.q_sample
+    monkeypatch.setattr(loop.diffusion, "q_sample", lambda x, t, noise=None: seen.append(t.clone()) or original(x, t, noise))
+    loop.run_loop()
+    drawn = torch.cat(seen)
+    assert loop.max_timestep == 250 and len(drawn) > 24
+    assert int(drawn.max()) < 250 and int(drawn.max()) > 60  # uniform over [0, 250), not the whole chain
+    with pytest.raises(ValueError, match="--max_noise_level"):
+        classifier_loop(tmp_path / "bad", max_steps=1, max_noise_level=1.5)
+
+
 def test_classifier_resume_is_bitwise_identical(tmp_path):
     classifier_loop(tmp_path / "straight", max_steps=4, save_interval=2, eval_interval=2).run_loop()
     classifier_loop(tmp_path / "resumed", max_steps=2, save_interval=2, eval_interval=2).run_loop()

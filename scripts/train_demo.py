@@ -1,0 +1,96 @@
+"""Reproduce the shipped demo models in runs/demo/ with the project's own scripts.
+
+Runs, in order: the demo dataset (scripts/make_demo_data.py, if missing), the class-conditional
+DDPM (train_tumor_ddfm.py), the noise-conditioned encoder classifier that guides CG-CDM and the
+ResNet-50 used by the CAM baselines (classifier_tumor_train.py), then exports each run's final
+weights in half precision, with its args.json, to runs/demo/{ddpm,classifier,resnet50}/.
+Every command is printed before it runs; on a 2-core CPU the whole sequence takes about an hour.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+
+import torch
+
+from guided_diffusion.checkpoint_util import latest_checkpoint
+from guided_diffusion.cli import UserError, atomic_torch_save, run_main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+DDPM_FLAGS = (
+    "--dataset demo --image_size 64 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2,2,2 "
+    "--attention_resolutions 16,8 --num_heads 4 --class_cond True --diffusion_steps 4000 --noise_schedule linear "
+    "--lr 2e-4 --batch_size 16 --ema_rate 0.999 --log_interval 50 --seed 0"
+)
+ENCODER_FLAGS = (
+    "--dataset demo --model_type encoder --classifier_width 32 --classifier_depth 1 "
+    "--classifier_attention_resolutions 16,8 --classifier_num_head_channels 32 --classifier_pool attention "
+    "--lr 3e-4 --batch_size 32 --log_interval 50 --eval_interval 200 --seed 0"
+)
+RESNET_FLAGS = "--dataset demo --model_type resnet50 --noised False --lr 3e-4 --batch_size 32 --log_interval 50 --eval_interval 200 --seed 0"
+
+
+def run(script, flags, extra):
+    command = [sys.executable, os.path.join(ROOT, "scripts", script)] + flags.split() + extra
+    print("+", " ".join(command[1:]), flush=True)
+    subprocess.run(command, check=True, cwd=ROOT)
+
+
+def export_half(train_dir, out_dir, prefer_ema):
+    """Copy the final (EMA if present) weights as float16 plus args.json to `out_dir/model.pt`."""
+    source = latest_checkpoint(train_dir, prefix=prefer_ema) if prefer_ema else None
+    source = source or latest_checkpoint(train_dir, prefix="model")
+    if source is None:
+        raise UserError(f"{train_dir}: no checkpoint to export")
+    state = torch.load(source, map_location="cpu")
+    half = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_torch_save(half, os.path.join(out_dir, "model.pt"))
+    shutil.copyfile(os.path.join(train_dir, "args.json"), os.path.join(out_dir, "args.json"))
+    print(f"exported {source} -> {out_dir}/model.pt", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", default="data/demo", help="demo dataset folder (made if missing)")
+    parser.add_argument("--work_dir", default="runs/demo_train", help="where the full training runs are written")
+    parser.add_argument("--out_dir", default="runs/demo", help="where the shipped half-precision models go")
+    parser.add_argument("--ddpm_steps", type=int, default=2000, help="DDPM training steps")
+    parser.add_argument("--classifier_steps", type=int, default=600, help="encoder classifier training steps")
+    parser.add_argument("--resnet_steps", type=int, default=400, help="ResNet-50 training steps")
+    args = parser.parse_args()
+    os.chdir(ROOT)
+
+    slices = os.path.join(args.data_dir, "slices")
+    if not os.path.isfile(os.path.join(slices, "manifest.csv")):
+        run("make_demo_data.py", f"--out_dir {args.data_dir}", [])
+    ddpm_dir = os.path.join(args.work_dir, "ddpm")
+    run(
+        "train_tumor_ddfm.py",
+        DDPM_FLAGS,
+        ["--src_dir", slices, "--save_dir", ddpm_dir, "--max_steps", str(args.ddpm_steps),
+         "--save_interval", "500", "--resume_checkpoint", "auto"],
+    )
+    ddpm_config = os.path.join(ddpm_dir, "args.json")
+    run(
+        "classifier_tumor_train.py",
+        ENCODER_FLAGS,
+        ["--src_dir", slices, "--save_dir", os.path.join(args.work_dir, "classifier"), "--diffusion_config", ddpm_config,
+         "--max_noise_level", "0.25", "--max_steps", str(args.classifier_steps), "--resume_checkpoint", "auto"],
+    )
+    run(
+        "classifier_tumor_train.py",
+        RESNET_FLAGS,
+        ["--src_dir", slices, "--save_dir", os.path.join(args.work_dir, "resnet50"), "--diffusion_config", ddpm_config,
+         "--max_steps", str(args.resnet_steps), "--resume_checkpoint", "auto"],
+    )
+    export_half(ddpm_dir, os.path.join(args.out_dir, "ddpm"), prefer_ema="ema_0.999_")
+    export_half(os.path.join(args.work_dir, "classifier"), os.path.join(args.out_dir, "classifier"), prefer_ema=None)
+    export_half(os.path.join(args.work_dir, "resnet50"), os.path.join(args.out_dir, "resnet50"), prefer_ema=None)
+
+
+if __name__ == "__main__":
+    run_main(main)
