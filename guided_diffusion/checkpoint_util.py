@@ -21,7 +21,6 @@ from .cli import UserError, atomic_write_text
 from .script_util import (
     classifier_and_diffusion_defaults,
     create_classifier,
-    create_gaussian_diffusion,
     create_model_and_diffusion,
     diffusion_defaults,
     model_and_diffusion_defaults,
@@ -159,20 +158,6 @@ def load_classifier(classifier_path, args=None, explicit=(), device=None, flag="
         classifier.convert_to_fp16()
     classifier.to(device or dist_util.dev()).eval()
     return classifier, config
-
-
-def diffusion_from_config(config):
-    """The Gaussian diffusion described by a flat configuration dict."""
-    return create_gaussian_diffusion(
-        steps=config["diffusion_steps"],
-        learn_sigma=config["learn_sigma"],
-        noise_schedule=config["noise_schedule"],
-        use_kl=config["use_kl"],
-        predict_xstart=config["predict_xstart"],
-        rescale_timesteps=config["rescale_timesteps"],
-        rescale_learned_sigmas=config["rescale_learned_sigmas"],
-        timestep_respacing=config.get("timestep_respacing", ""),
-    )
 
 
 _STEP_RE = re.compile(r"(\d+)\.pt$")

@@ -155,64 +155,19 @@ def attention_downsample_factors(image_size, resolutions, levels, flag="--attent
 # Factories
 
 
-def create_model_and_diffusion(
-    image_size,
-    in_channels,
-    class_cond,
-    num_classes,
-    learn_sigma,
-    num_channels,
-    num_res_blocks,
-    channel_mult,
-    num_heads,
-    num_head_channels,
-    num_heads_upsample,
-    attention_resolutions,
-    dropout,
-    diffusion_steps,
-    noise_schedule,
-    timestep_respacing,
-    use_kl,
-    predict_xstart,
-    rescale_timesteps,
-    rescale_learned_sigmas,
-    use_checkpoint,
-    use_scale_shift_norm,
-    resblock_updown,
-    use_fp16,
-    use_new_attention_order,
-):
-    model = create_model(
-        image_size,
-        num_channels,
-        num_res_blocks,
-        in_channels=in_channels,
-        channel_mult=channel_mult,
-        learn_sigma=learn_sigma,
-        class_cond=class_cond,
-        num_classes=num_classes,
-        use_checkpoint=use_checkpoint,
-        attention_resolutions=attention_resolutions,
-        num_heads=num_heads,
-        num_head_channels=num_head_channels,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        dropout=dropout,
-        resblock_updown=resblock_updown,
-        use_fp16=use_fp16,
-        use_new_attention_order=use_new_attention_order,
-    )
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
-        learn_sigma=learn_sigma,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
-    )
-    return model, diffusion
+def _require_keys(config, expected, what):
+    missing = sorted(set(expected) - set(config))
+    unknown = sorted(set(config) - set(expected))
+    if missing or unknown:
+        raise TypeError(f"{what}: missing {missing}, unknown {unknown}")
+
+
+def create_model_and_diffusion(**config):
+    """(UNet, diffusion) from exactly the keys of `model_and_diffusion_defaults()`."""
+    _require_keys(config, model_and_diffusion_defaults(), "create_model_and_diffusion")
+    model_keys = {k: v for k, v in config.items() if k not in diffusion_defaults()}
+    model = create_model(**model_keys, learn_sigma=config["learn_sigma"])
+    return model, diffusion_from_config(config)
 
 
 def create_model(
@@ -261,55 +216,11 @@ def create_model(
     )
 
 
-def create_classifier_and_diffusion(
-    image_size,
-    in_channels,
-    num_classes,
-    model_type,
-    classifier_use_fp16,
-    classifier_width,
-    classifier_depth,
-    classifier_attention_resolutions,
-    classifier_channel_mult,
-    classifier_num_head_channels,
-    classifier_use_scale_shift_norm,
-    classifier_resblock_updown,
-    classifier_pool,
-    learn_sigma,
-    diffusion_steps,
-    noise_schedule,
-    timestep_respacing,
-    use_kl,
-    predict_xstart,
-    rescale_timesteps,
-    rescale_learned_sigmas,
-):
-    classifier = create_classifier(
-        image_size=image_size,
-        in_channels=in_channels,
-        num_classes=num_classes,
-        model_type=model_type,
-        classifier_use_fp16=classifier_use_fp16,
-        classifier_width=classifier_width,
-        classifier_depth=classifier_depth,
-        classifier_attention_resolutions=classifier_attention_resolutions,
-        classifier_channel_mult=classifier_channel_mult,
-        classifier_num_head_channels=classifier_num_head_channels,
-        classifier_use_scale_shift_norm=classifier_use_scale_shift_norm,
-        classifier_resblock_updown=classifier_resblock_updown,
-        classifier_pool=classifier_pool,
-    )
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
-        learn_sigma=learn_sigma,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
-    )
-    return classifier, diffusion
+def create_classifier_and_diffusion(**config):
+    """(classifier, diffusion) from exactly the keys of `classifier_and_diffusion_defaults()`."""
+    _require_keys(config, classifier_and_diffusion_defaults(), "create_classifier_and_diffusion")
+    classifier = create_classifier(**{k: v for k, v in config.items() if k not in diffusion_defaults()})
+    return classifier, diffusion_from_config(config)
 
 
 def create_classifier(
@@ -351,6 +262,20 @@ def create_classifier(
         use_scale_shift_norm=classifier_use_scale_shift_norm,
         resblock_updown=classifier_resblock_updown,
         pool=classifier_pool,
+    )
+
+
+def diffusion_from_config(config):
+    """The Gaussian diffusion described by the diffusion keys of a flat flag dict."""
+    return create_gaussian_diffusion(
+        steps=config["diffusion_steps"],
+        learn_sigma=config["learn_sigma"],
+        noise_schedule=config["noise_schedule"],
+        use_kl=config["use_kl"],
+        predict_xstart=config["predict_xstart"],
+        rescale_timesteps=config["rescale_timesteps"],
+        rescale_learned_sigmas=config["rescale_learned_sigmas"],
+        timestep_respacing=config.get("timestep_respacing", ""),
     )
 
 

@@ -36,7 +36,6 @@ from guided_diffusion import dist_util, logger
 from guided_diffusion.cam import CAM_METHODS, cam_saliency, gap_linear_head
 from guided_diffusion.checkpoint_util import (
     check_same_diffusion,
-    diffusion_from_config,
     explicit_flags,
     latest_checkpoint,
     load_classifier,
@@ -48,6 +47,7 @@ from guided_diffusion.metrics import dice_3d, evaluate_masks, normalize_map, sal
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
     classifier_defaults,
+    diffusion_from_config,
     model_and_diffusion_defaults,
     str2bool,
 )
