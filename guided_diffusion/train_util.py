@@ -239,7 +239,7 @@ def plot_curves(csv_path, png_path, keys):
     fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3.2), squeeze=False)
     for ax, (key, points) in zip(axes[0], series.items()):
         steps, values = zip(*points)
-        ax.plot(steps, values, lw=1)
+        ax.plot(steps, values, lw=1, marker="o" if len(steps) <= 50 else None, ms=3)
         ax.set_xlabel("step")
         ax.set_title(key)
         if key.endswith("loss") or key in ("mse", "vb"):
