@@ -5,6 +5,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
+# tau for the demo, chosen on the training split by scripts/demo_results.py (see README)
+DEMO_TAU ?= 0.95
+DEMO_DATA := data/demo/slices/manifest.csv
+
 .PHONY: setup test demo
 
 $(VENV)/.installed: setup.py
@@ -18,5 +22,11 @@ setup: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
-demo: $(VENV)/.installed
-	@echo "demo: not built yet (the segmentation and quick-start issues add it)"
+$(DEMO_DATA): | $(VENV)/.installed
+	$(PY) scripts/make_demo_data.py --out_dir data/demo
+
+demo: $(VENV)/.installed $(DEMO_DATA)
+	$(PY) scripts/image_p_seg.py --method cg-cdm --model_path runs/demo/ddpm/model.pt \
+		--classifier_path runs/demo/classifier/model.pt --src_dir data/demo/slices \
+		--tau $(DEMO_TAU) --batch_size 32 --out_dir runs/demo_seg
+	@echo "picture grid: runs/demo_seg/grid.png"

@@ -16,6 +16,8 @@ import sys
 import tempfile
 from collections import defaultdict
 
+from .cli import atomic_path
+
 DEFAULT_FORMATS = "stdout,log,csv"
 
 
@@ -73,13 +75,12 @@ class _CSVOutput:
         if os.path.exists(self.path):
             with open(self.path, newline="") as f:
                 old_rows = list(csv.DictReader(f))
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path) or ".", suffix=".csv.tmp")
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(keys)
-            for row in old_rows:
-                writer.writerow([row.get(k, "") for k in keys])
-        os.replace(tmp, self.path)
+        with atomic_path(self.path) as tmp:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(keys)
+                for row in old_rows:
+                    writer.writerow([row.get(k, "") for k in keys])
         self.keys = keys
 
     def close(self):
