@@ -31,7 +31,7 @@ def resolve_split_dir(root, split):
     if split not in SPLIT_DIRS:
         raise UserError(f"unknown split {split!r}; expected one of {', '.join(SPLIT_DIRS)}")
     if not os.path.isdir(root):
-        raise UserError(f"--data_dir {root}: no such directory")
+        raise UserError(f"--src_dir {root}: no such directory")
     for name in SPLIT_DIRS[split]:
         path = os.path.join(root, name)
         if os.path.isdir(path):
@@ -234,7 +234,7 @@ class VolumeSliceDataset(torch.utils.data.Dataset):
 
     def __init__(self, volume_dir, files=None, image_size=128, class_indices=(1,), shard=0, num_shards=1):
         if not os.path.isdir(volume_dir):
-            raise UserError(f"--data_dir {volume_dir}: no such directory")
+            raise UserError(f"--src_dir {volume_dir}: no such directory")
         files = sorted(files if files is not None else (f for f in os.listdir(volume_dir) if f.endswith(".npy")))
         if not files:
             raise UserError(f"{volume_dir}: no .npy volumes")
@@ -309,7 +309,7 @@ def load_data(*, data_dir, batch_size, image_size, in_channels=1, class_cond=Tru
                 raise UserError(f"{folder}: no images; class-conditional training needs both normal and tumor "
                                 f"slices (or pass --class_cond False)")
     if len(files) < num_shards:
-        raise UserError(f"--data_dir {data_dir}: {len(files)} images cannot be shared by {num_shards} processes")
+        raise UserError(f"--src_dir {data_dir}: {len(files)} images cannot be shared by {num_shards} processes")
     dataset = SliceDataset(data_dir, split, image_size=image_size, in_channels=in_channels, files=files,
                            shard=shard, num_shards=num_shards)
     return iterate_batches(dataset, batch_size=batch_size, class_cond=class_cond, deterministic=deterministic,
