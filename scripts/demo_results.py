@@ -68,7 +68,8 @@ def main():
     parser.add_argument("--batch_size", type=int, default=32, help="images per batch")
     parser.add_argument("--fast_stride", type=int, default=40,
                         help="chain steps per step for the anomaly and CG-Diff baselines (40: 10 steps from Q=400)")
-    parser.add_argument("--methods", default="cg-cdm,cg-cdm-paper,cdm,cg-diff,anomaly,cam,gradcam,gradcam++,layercam,scorecam",
+    parser.add_argument("--methods",
+                        default="cg-cdm,cg-cdm-paper,cdm,cg-diff,anomaly,cam,gradcam,gradcam++,layercam,scorecam,gradcam-encoder",
                         help="rows of the table, in order")
     args = parser.parse_args()
 
@@ -112,6 +113,8 @@ def main():
     }
     for cam in ("cam", "gradcam", "gradcam++", "layercam", "scorecam"):
         runs[cam] = (f"{cam} (ResNet-50)", ["--method", cam, "--classifier_path", resnet])
+    # At 64 px the ResNet's last stage is 2 x 2; the encoder classifier's is 8 x 8.
+    runs["gradcam-encoder"] = ("gradcam (encoder classifier, t = 0)", ["--method", "gradcam", "--classifier_path", classifier])
     rows = [f"Validation tumour slices of {args.src_dir}; per-image metrics, mean ± std.", "", HEADER]
     for key in [m.strip() for m in args.methods.split(",") if m.strip()]:
         if key not in runs:

@@ -97,7 +97,7 @@ HELP = {
     "fold": "evaluate fold k of --num_folds contiguous folds of the sorted tumour slices",
     "num_folds": "number of folds (1: every tumour slice)",
     "batch_size": "images per batch (CDM runs both branches of a batch in one UNet call per step)",
-    "max_images": "evaluate at most this many images (0: all)",
+    "max_images": "evaluate at most this many images, evenly spaced over the sorted tumour slices (0: all)",
     "noise_level": "noise level Q: a fraction of the diffusion steps T in (0, 1) (0.1 = step 400 of 4000), "
                    "or an integer step; for anomaly it is the encoding depth L",
     "steps": "R, the number of DDIM steps from Q (CDM / CG-CDM)",
@@ -215,7 +215,7 @@ def load_tumour_slices(args, image_size, in_channels):
     """(images (N, C, H, W), masks (N, H, W) bool, labels (N,), names) of the evaluated tumour slices.
 
     The tumour images of the split that have a mask, in sorted order, then fold `--fold` of them,
-    then at most `--max_images`.
+    then at most `--max_images` of them, evenly spaced.
     """
     from guided_diffusion.datasets import SliceDataset, list_slices, select_fold
 
@@ -226,8 +226,10 @@ def load_tumour_slices(args, image_size, in_channels):
     if len(with_masks) < len(tumours.items):
         logger.log(f"{len(tumours.items) - len(with_masks)} tumour images without a mask are not evaluated")
     chosen = select_fold(with_masks, args.fold, args.num_folds)
-    if args.max_images:
-        chosen = chosen[:args.max_images]
+    if args.max_images and len(chosen) > args.max_images:
+        # evenly spaced over the sorted slices, so a subset spans subjects instead of the first one
+        picks = np.linspace(0, len(chosen) - 1, args.max_images).round().astype(int)
+        chosen = [chosen[i] for i in picks]
     dataset = SliceDataset(args.src_dir, args.split, image_size=image_size, in_channels=in_channels,
                            require_masks=True, files=chosen)
     items = [dataset[i] for i in range(len(dataset))]

@@ -60,7 +60,7 @@ def main():
     parser.add_argument("--out_dir", default="runs/demo", help="where the shipped half-precision models go")
     parser.add_argument("--ddpm_steps", type=int, default=2000, help="DDPM training steps")
     parser.add_argument("--classifier_steps", type=int, default=600, help="encoder classifier training steps")
-    parser.add_argument("--resnet_steps", type=int, default=400, help="ResNet-50 training steps")
+    parser.add_argument("--resnet_steps", type=int, default=300, help="ResNet-50 training steps")
     args = parser.parse_args()
     os.chdir(ROOT)
 
