@@ -58,7 +58,7 @@ def main():
     parser.add_argument("--data_dir", default="data/demo", help="demo dataset folder (made if missing)")
     parser.add_argument("--work_dir", default="runs/demo_train", help="where the full training runs are written")
     parser.add_argument("--out_dir", default="runs/demo", help="where the shipped half-precision models go")
-    parser.add_argument("--ddpm_steps", type=int, default=2000, help="DDPM training steps")
+    parser.add_argument("--ddpm_steps", type=int, default=1000, help="DDPM training steps")
     parser.add_argument("--classifier_steps", type=int, default=600, help="encoder classifier training steps")
     parser.add_argument("--resnet_steps", type=int, default=300, help="ResNet-50 training steps")
     args = parser.parse_args()
@@ -72,7 +72,7 @@ def main():
         "train_tumor_ddfm.py",
         DDPM_FLAGS,
         ["--src_dir", slices, "--save_dir", ddpm_dir, "--max_steps", str(args.ddpm_steps),
-         "--save_interval", "500", "--resume_checkpoint", "auto"],
+         "--save_interval", "250", "--resume_checkpoint", "auto"],
     )
     ddpm_config = os.path.join(ddpm_dir, "args.json")
     run(
