@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 
 # tau for the demo, chosen on the training split by scripts/demo_results.py (see README)
-DEMO_TAU ?= 0.5
+DEMO_TAU ?= 0
 DEMO_DATA := data/demo/slices/manifest.csv
 
 .PHONY: setup test demo

@@ -69,8 +69,9 @@ def main():
     parser.add_argument("--fast_stride", type=int, default=40,
                         help="chain steps per step for the anomaly and CG-Diff baselines (40: 10 steps from Q=400)")
     parser.add_argument("--methods",
-                        default="cg-cdm,cg-cdm-paper,cdm,cg-diff,anomaly,cam,gradcam,gradcam++,layercam,scorecam,gradcam-encoder",
-                        help="rows of the table, in order")
+                        default="cg-cdm,cg-cdm-paper,cdm,cg-diff,anomaly,cam,gradcam,gradcam++,layercam,gradcam-encoder",
+                        help="rows of the table, in order (scorecam is available but needs one ResNet-50 pass "
+                             "per feature channel, 2048 per image)")
     args = parser.parse_args()
 
     ddpm = os.path.join(args.models, "ddpm", "model.pt")

@@ -14,8 +14,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "runs" / "demo"
 DATA = Path(__file__).parent / "data" / "demo_regression"
-TAU = "0.5"  # the demo's tau (DEMO_TAU in the Makefile), chosen on the training split
-DICE_FLOOR = 0.25  # measured 0.298 with the shipped models (2026-11-25); the CAM baselines score about 0.04
+TAU = "0"  # the demo's tau (DEMO_TAU in the Makefile), chosen on the training split
+DICE_FLOOR = 0.29  # measured 0.341 with the shipped models (2026-11-25); the CAM baselines score about 0.04
 
 
 def test_cg_cdm_on_fixed_demo_slices_keeps_its_dice(tmp_path):
