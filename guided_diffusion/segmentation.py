@@ -242,6 +242,15 @@ def _channel_sum(diff, absolute=False):
 # Baselines
 
 
+def _full_chain_setup(model, diffusion, x0, y1, healthy_label, noise_level, stride):
+    """Checked labels, the visited timesteps Q, Q - s, ..., 0 and their respaced diffusion."""
+    _base_diffusion_check(diffusion)
+    y1 = y1.to(x0.device).long()
+    _check_labels(y1, healthy_label, _num_classes(model))
+    times = full_chain_timesteps(noise_step(noise_level, diffusion.num_timesteps), stride)
+    return y1, times, chain_diffusion(diffusion, times)
+
+
 def anomaly_saliency(model, diffusion, x0, y1, *, noise_level=0.1, steps=None, tau=None, stride=1,
                      healthy_label=0, cond_fn=None, noise=None, clip_denoised=True, absolute=True):
     """Reconstruction baseline: DDIM-encode L steps with y1, decode L guided steps toward y0.
@@ -251,12 +260,7 @@ def anomaly_saliency(model, diffusion, x0, y1, *, noise_level=0.1, steps=None, t
     `steps`, `tau` and `noise` are unused (the encoding is deterministic).
     """
     del steps, tau, noise
-    _base_diffusion_check(diffusion)
-    num_classes = _num_classes(model)
-    y1 = y1.to(x0.device).long()
-    _check_labels(y1, healthy_label, num_classes)
-    times = full_chain_timesteps(noise_step(noise_level, diffusion.num_timesteps), stride)
-    chain = chain_diffusion(diffusion, times)
+    y1, times, chain = _full_chain_setup(model, diffusion, x0, y1, healthy_label, noise_level, stride)
     top = len(times) - 1
     step_model = _label_model(model)
     healthy = torch.full_like(y1, healthy_label)
@@ -284,12 +288,7 @@ def cgdiff_saliency(model, diffusion, x0, y1, *, noise_level=0.1, steps=None, ta
     are unused.
     """
     del steps, tau
-    _base_diffusion_check(diffusion)
-    num_classes = _num_classes(model)
-    y1 = y1.to(x0.device).long()
-    _check_labels(y1, healthy_label, num_classes)
-    times = full_chain_timesteps(noise_step(noise_level, diffusion.num_timesteps), stride)
-    chain = chain_diffusion(diffusion, times)
+    y1, times, chain = _full_chain_setup(model, diffusion, x0, y1, healthy_label, noise_level, stride)
     batch = x0.shape[0]
     x_q = diffusion.q_sample(x0, torch.full((batch,), times[0], device=x0.device, dtype=torch.long),
                              noise=_initial_noise(x0, noise))
