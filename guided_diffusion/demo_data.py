@@ -15,8 +15,6 @@ them into the slice layout. Subject i depends only on (seed, i).
 import functools
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 
 import nibabel as nib
@@ -25,8 +23,8 @@ import torch
 from scipy import ndimage
 from tqdm import tqdm
 
-from .cli import UserError, atomic_path
-from .volumes import SliceOptions, export_slice_dataset, find_brats_cases, read_manifest, replace_dir
+from .cli import UserError, atomic_directory, atomic_path
+from .volumes import SliceOptions, export_slice_dataset, find_brats_cases, read_manifest
 
 LESION_KINDS = ("hyper", "hypo", "ring")
 LABEL_CORE, LABEL_HYPER, LABEL_RIM = 1, 2, 4
@@ -231,10 +229,8 @@ def write_demo_subjects(raw_dir, num_subjects, seed=0, voxel_size=2.0, settings=
     raw_dir = os.path.abspath(raw_dir)
     if os.path.isdir(raw_dir) and os.listdir(raw_dir) and not os.path.isfile(os.path.join(raw_dir, DEMO_MARKER)):
         raise UserError(f"{raw_dir}: exists, is not empty and is not a demo folder; refusing to replace it")
-    os.makedirs(os.path.dirname(raw_dir), exist_ok=True)
     load_mni_template(voxel_size)  # once here, so worker processes inherit it
-    tmp = tempfile.mkdtemp(prefix=".raw.", suffix=".tmp", dir=os.path.dirname(raw_dir))
-    try:
+    with atomic_directory(raw_dir) as tmp:
         jobs = [(tmp, i, seed, voxel_size, settings) for i in range(num_subjects)]
         progress = dict(total=num_subjects, desc="demo subjects", unit="subject")
         if workers > 1:
@@ -248,10 +244,6 @@ def write_demo_subjects(raw_dir, num_subjects, seed=0, voxel_size=2.0, settings=
             json.dump(dict(num_subjects=num_subjects, seed=seed, voxel_size=voxel_size,
                            lesions=asdict(settings)), f, indent=1, sort_keys=True)
             f.write("\n")
-        replace_dir(tmp, raw_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return raw_dir
 
 

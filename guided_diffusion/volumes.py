@@ -22,8 +22,6 @@ one uint8 `.npy` array of shape (C, H, W). Masks are 8-bit PNG, 0 = background,
 import csv
 import json
 import os
-import shutil
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -32,7 +30,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .cli import UserError
+from .cli import UserError, atomic_directory
 
 BRATS_MODALITIES = ("flair", "t1", "t1ce", "t2")
 SPLITS = ("training", "validation")
@@ -376,22 +374,6 @@ def _check_output_dir(out_root):
                             f"refusing to replace it (choose a new or empty folder)")
 
 
-def replace_dir(tmp_dir, final_dir):
-    """Move a completed temporary folder to `final_dir`, replacing an earlier one there."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp makes it private
-    old = None
-    if os.path.exists(final_dir):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(final_dir)}.", suffix=".old",
-                               dir=os.path.dirname(os.path.abspath(final_dir)))
-        os.rmdir(old)
-        os.rename(final_dir, old)
-    os.rename(tmp_dir, final_dir)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def export_slice_dataset(cases, out_root, options, *, input_dir, val_fraction=0.1, seed=0, workers=1,
                          extra_settings=None):
     """Write the whole slice layout for `cases` to `out_root`; return {split: {label: count}}.
@@ -403,10 +385,7 @@ def export_slice_dataset(cases, out_root, options, *, input_dir, val_fraction=0.
     out_root = os.path.abspath(out_root)
     _check_output_dir(out_root)
     split_of = split_subjects([c.subject for c in cases], val_fraction, seed)
-    parent = os.path.dirname(out_root)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_root)}.", suffix=".tmp", dir=parent)
-    try:
+    with atomic_directory(out_root) as tmp:
         for split in SPLITS:
             for sub in CLASSES + ("seg",):
                 os.makedirs(os.path.join(tmp, split, sub))
@@ -441,10 +420,6 @@ def export_slice_dataset(cases, out_root, options, *, input_dir, val_fraction=0.
         with open(os.path.join(tmp, SETTINGS_NAME), "w") as f:
             json.dump(settings, f, indent=1, sort_keys=True)
             f.write("\n")
-        replace_dir(tmp, out_root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return counts
 
 
