@@ -40,10 +40,9 @@ def run(script, flags, extra):
     subprocess.run(command, check=True, cwd=ROOT)
 
 
-def export_half(train_dir, out_dir, prefer_ema):
-    """Copy the final (EMA if present) weights as float16 plus args.json to `out_dir/model.pt`."""
-    source = latest_checkpoint(train_dir, prefix=prefer_ema) if prefer_ema else None
-    source = source or latest_checkpoint(train_dir, prefix="model")
+def export_half(train_dir, out_dir):
+    """Copy the final weights as float16 plus args.json to `out_dir/model.pt`."""
+    source = latest_checkpoint(train_dir, prefix="model")
     if source is None:
         raise UserError(f"{train_dir}: no checkpoint to export")
     state = torch.load(source, map_location="cpu")
@@ -90,9 +89,9 @@ def main():
     )
     # Raw weights, not the EMA: after only 1000 steps an EMA at rate 0.999 still holds
     # 0.999^1000 = 37% of the random initialisation, and it denoises far worse.
-    export_half(ddpm_dir, os.path.join(args.out_dir, "ddpm"), prefer_ema=None)
-    export_half(os.path.join(args.work_dir, "classifier"), os.path.join(args.out_dir, "classifier"), prefer_ema=None)
-    export_half(os.path.join(args.work_dir, "resnet50"), os.path.join(args.out_dir, "resnet50"), prefer_ema=None)
+    export_half(ddpm_dir, os.path.join(args.out_dir, "ddpm"))
+    export_half(os.path.join(args.work_dir, "classifier"), os.path.join(args.out_dir, "classifier"))
+    export_half(os.path.join(args.work_dir, "resnet50"), os.path.join(args.out_dir, "resnet50"))
 
 
 if __name__ == "__main__":
