@@ -13,7 +13,7 @@ from scipy.stats import rankdata
 
 from . import dist_util, logger
 from .cli import UserError
-from .resample import LossAwareSampler, UniformSampler
+from .resample import LossAwareSampler, UniformSampler, timestep_limit
 from .train_util import TrainLoopBase, log_loss_dict
 
 NUM_BUCKETS = 4
@@ -131,20 +131,19 @@ class ClassifierTrainLoop(TrainLoopBase):
 
     :param noised: if False, train on clean images at t=0 (a plain classifier).
     :param val_dataset: dataset for validation every `eval_interval` steps (None or 0: never).
-    :param max_noise_level: train and validate on timesteps below this fraction of T only (uniformly),
-        e.g. 0.25 when the classifier will only guide CG-CDM at t = 0.1 T; 1.0 uses the whole chain.
+    :param max_noise_level: validate on timesteps below this fraction of T only, and train there too
+        unless `schedule_sampler` is given (it carries its own range), e.g. 0.25 when the classifier
+        will only guide CG-CDM at t = 0.1 T; 1.0 uses the whole chain.
     """
 
     plot_keys = ("train_loss", "val_loss", "val_acc", "val_auroc")
 
     def __init__(self, *, model, diffusion, noised=True, schedule_sampler=None, val_dataset=None,
                  eval_interval=0, val_batch_size=None, val_max_images=512, max_noise_level=1.0, **kwargs):
-        if not 0 < max_noise_level <= 1:
-            raise UserError(f"--max_noise_level {max_noise_level}: expected a fraction in (0, 1]")
         self.diffusion = diffusion
         self.noised = noised
-        self.max_timestep = max(1, int(round(max_noise_level * diffusion.num_timesteps)))
-        self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
+        self.max_timestep = timestep_limit(diffusion.num_timesteps, max_noise_level)
+        self.schedule_sampler = schedule_sampler or UniformSampler(diffusion, max_noise_level)
         self.val_dataset = val_dataset
         self.eval_interval = eval_interval
         self.val_max_images = val_max_images
@@ -155,10 +154,7 @@ class ClassifierTrainLoop(TrainLoopBase):
     def compute_loss(self, batch, cond):
         labels = cond["y"]
         weights = torch.ones(batch.shape[0], device=self.device)
-        if self.noised and self.max_timestep < self.diffusion.num_timesteps:
-            t = torch.randint(0, self.max_timestep, (batch.shape[0],), device=self.device)
-            batch = self.diffusion.q_sample(batch, t)
-        elif self.noised:
+        if self.noised:
             t, weights = self.schedule_sampler.sample(batch.shape[0], self.device)
             batch = self.diffusion.q_sample(batch, t)
         else:

@@ -3,19 +3,27 @@
 A subject is the 1 mm MNI152 T1 template and brain mask (shipped inside nilearn, so this
 works offline) given a FLAIR-like contrast (dark CSF, grey matter brighter than white
 matter), randomly deformed (affine + smooth elastic field) while being resampled to
-`voxel_size` mm, given zero or more irregular lesions (thresholded smooth noise, a few
-mm to several cm, hyper-intense, hypo-intense or ring-shaped: bright rim around a dark
-core, inside the brain only), and finally varied in intensity (bias field, contrast,
-noise). Subjects are written BraTS-style, `<id>/<id>_flair.nii.gz` + `<id>/<id>_seg.nii.gz`
-with BraTS label values (1 dark core or hypo-intense lesion, 2 hyper-intense lesion,
-4 bright rim), so `scripts/prepare_brats.py` (or `volumes.export_slice_dataset`) turns
-them into the slice layout. Subject i depends only on (seed, i).
+`voxel_size` mm, given lesions, and finally varied in intensity (bias field, contrast,
+noise). Two lesion models:
+
+- "glioma" (default), after BraTS FLAIR: usually one tumour per subject, placed in the
+  hemispheric white matter, a few centimetres across: a hyper-intense edema (label 2) around
+  a tumour core with an enhancing rim (label 4) and often a necrotic centre (label 1), all of
+  it brighter than the surrounding brain in FLAIR except the necrosis, which is intermediate;
+  segmented as the whole tumour (labels 1, 2, 4), as BraTS' FLAIR whole-tumour task does.
+- "mixed": up to five irregular lesions from 4 mm, hyper-intense, hypo-intense (label 1) or
+  ring-shaped (bright rim 4 around a dark core 1), anywhere inside the brain: a harder,
+  less brain-tumour-like test, including lesions darker than the tissue.
+
+Subjects are written BraTS-style, `<id>/<id>_flair.nii.gz` + `<id>/<id>_seg.nii.gz`, so
+`scripts/prepare_brats.py` (or `volumes.export_slice_dataset`) turns them into the slice
+layout. Subject i depends only on (seed, i).
 """
 
 import functools
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import nibabel as nib
 import numpy as np
@@ -27,7 +35,8 @@ from .cli import UserError, atomic_directory, atomic_path
 from .volumes import SliceOptions, export_slice_dataset, find_brats_cases, read_manifest
 
 LESION_KINDS = ("hyper", "hypo", "ring")
-LABEL_CORE, LABEL_HYPER, LABEL_RIM = 1, 2, 4
+LESION_MODELS = ("glioma", "mixed")
+LABEL_CORE, LABEL_HYPER, LABEL_RIM = 1, 2, 4  # BraTS: necrosis / edema / enhancing tumour
 DEMO_MARKER = "demo.json"
 
 
@@ -42,13 +51,28 @@ class Template:
 
 @dataclass(frozen=True)
 class LesionSettings:
-    """How many lesions a subject gets, and how big."""
+    """Which lesion model, how many lesions a subject gets, and how big (whole-lesion diameter)."""
 
     lesion_free_fraction: float = 0.1
     max_lesions: int = 5
     min_diameter_mm: float = 4.0
     max_diameter_mm: float = 50.0
-    kind_probabilities: tuple = (0.45, 0.2, 0.35)  # hyper, hypo, ring
+    kind_probabilities: tuple = (0.45, 0.2, 0.35)  # hyper, hypo, ring ("mixed" only)
+    model: str = "mixed"
+    extra_tumour_probability: float = 0.1  # "glioma": chance of each further (multifocal) tumour
+
+
+# BraTS-like whole tumours: mostly one per subject, 2-7 cm of edema around the core.
+GLIOMA_SETTINGS = LesionSettings(model="glioma", max_lesions=2, min_diameter_mm=20.0, max_diameter_mm=70.0)
+MIXED_SETTINGS = LesionSettings()
+
+
+def lesion_settings(model, **overrides):
+    """The default settings of lesion model `model`, with `overrides` (None values ignored)."""
+    if model not in LESION_MODELS:
+        raise ValueError(f"model {model!r}: expected one of {', '.join(LESION_MODELS)}")
+    base = GLIOMA_SETTINGS if model == "glioma" else MIXED_SETTINGS
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def flair_like(t1, brain):
@@ -144,8 +168,8 @@ def irregular_blob(radius, rng):
     return blob
 
 
-def add_lesions(image, brain, rng, voxel_size, count, settings=LesionSettings()):
-    """Paint `count` lesions into `image` (in place), inside `brain`; return the BraTS-style label map."""
+def add_lesions(image, brain, rng, voxel_size, count, settings=MIXED_SETTINGS):
+    """Paint `count` "mixed" lesions into `image` (in place), inside `brain`; return the BraTS-style label map."""
     seg = np.zeros(image.shape, np.uint8)
     if count == 0:
         return seg
@@ -158,13 +182,7 @@ def add_lesions(image, brain, rng, voxel_size, count, settings=LesionSettings())
         candidates = np.flatnonzero(depth >= min(0.8 * radius + 1.0, depth.max()))
         center = np.unravel_index(rng.choice(candidates), image.shape)
         blob = irregular_blob(radius, rng)
-        half = blob.shape[0] // 2
-        box, local = [], []
-        for c, size in zip(center, image.shape):
-            lo, hi = c - half, c + half + 1
-            box.append(slice(max(lo, 0), min(hi, size)))
-            local.append(slice(max(lo, 0) - lo, blob.shape[0] - (hi - min(hi, size))))
-        box, local = tuple(box), tuple(local)
+        box, local = _paste_box(center, blob.shape[0] // 2, image.shape)
         mask = blob[local] & brain[box]
         if not mask.any():
             continue
@@ -188,6 +206,79 @@ def add_lesions(image, brain, rng, voxel_size, count, settings=LesionSettings())
     return seg
 
 
+def _paste_box(center, half, shape):
+    """Slices of a (2 half + 1)^3 cube centred at `center`, clipped to `shape`: (volume box, cube box)."""
+    box, local = [], []
+    for c, size in zip(center, shape):
+        lo, hi = c - half, c + half + 1
+        box.append(slice(max(lo, 0), min(hi, size)))
+        local.append(slice(max(lo, 0) - lo, 2 * half + 1 - (hi - min(hi, size))))
+    return tuple(box), tuple(local)
+
+
+def glioma_sites(image, brain, voxel_size, radius):
+    """Flat indices where a glioma of `radius` voxels may be centred: hemispheric white matter, deep enough.
+
+    White matter is read off the FLAIR-like contrast before intensity variation (white ~0.55, grey
+    ~0.7 of the template scale); the midline band (first axis, +-8 mm) is left out, as BraTS gliomas
+    are mostly lateral.
+    """
+    depth = ndimage.distance_transform_edt(brain)
+    white = brain & (image > 0.47) & (image < 0.63)
+    white = ndimage.binary_opening(white, iterations=1)
+    mid = ndimage.center_of_mass(brain)[0]
+    lateral = np.abs(np.arange(image.shape[0]) - mid)[:, None, None] * voxel_size >= 8.0
+    deep = depth >= min(0.5 * radius + 2.0, depth.max())
+    for candidates in (white & lateral & deep, brain & lateral & deep, deep):
+        if candidates.any():
+            return np.flatnonzero(candidates)
+    return np.flatnonzero(brain)
+
+
+def add_gliomas(image, brain, rng, voxel_size, count, settings=GLIOMA_SETTINGS):
+    """Paint `count` BraTS-like gliomas into the FLAIR-like `image` (in place); return the label map.
+
+    Each tumour: an irregular edema of the drawn diameter (label 2, FLAIR 1.4-2.0x the brain median,
+    fading in over about 2 mm at its border, sparing CSF), a core of 30-60 % of that diameter near
+    its centre with an enhancing rim 2-4 mm thick (label 4, 1.3-1.8x), and in most large cores a
+    necrotic centre (label 1, 0.7-1.1x: intermediate in FLAIR).
+    """
+    seg = np.zeros(image.shape, np.uint8)
+    median = float(np.median(image[brain])) if brain.any() else 0.5
+    tissue = brain & (image > 0.3 * median)  # not CSF: edema does not fill the ventricles
+    for _ in range(count):
+        diameter = np.exp(rng.uniform(np.log(settings.min_diameter_mm), np.log(settings.max_diameter_mm)))
+        radius = diameter / 2.0 / voxel_size
+        sites = glioma_sites(image, brain, voxel_size, radius)
+        center = np.unravel_index(rng.choice(sites), image.shape)
+        edema_blob = irregular_blob(radius, rng)
+        box, local = _paste_box(center, edema_blob.shape[0] // 2, image.shape)
+        edema = edema_blob[local] & tissue[box]
+        if not edema.any():
+            continue
+        core_radius = radius * rng.uniform(0.3, 0.6)
+        core_blob = irregular_blob(core_radius, rng)
+        offset = np.round(rng.uniform(-0.25, 0.25, 3) * radius).astype(int)
+        core_box, core_local = _paste_box(tuple(np.add(center, offset)), core_blob.shape[0] // 2, image.shape)
+        core = np.zeros(image.shape, bool)
+        core[core_box] = core_blob[core_local]
+        core = core[box] & edema
+        rim_voxels = max(1, int(round(rng.uniform(2.0, 4.0) / voxel_size)))
+        inner = ndimage.binary_erosion(core, iterations=rim_voxels)
+        necrosis = inner if inner.sum() >= 8 and rng.random() < 0.75 else np.zeros_like(core)
+        rim = core & ~necrosis
+        texture = 1.0 + 0.06 * smooth_field(edema.shape, rng, max(2.0, 4.0 / voxel_size))
+        # FLAIR edema brightens smoothly from its border inwards, over about 2 mm
+        ramp = np.clip(ndimage.distance_transform_edt(edema) * voxel_size / 2.0, 0.0, 1.0)
+        region, labels = image[box], seg[box]
+        gain = 1.0 + (rng.uniform(1.4, 2.0) - 1.0) * ramp
+        region[edema] = np.maximum(region[edema], median) * (gain * texture)[edema]
+        region[rim] = median * rng.uniform(1.3, 1.8) * texture[rim]
+        region[necrosis] = median * rng.uniform(0.7, 1.1) * texture[necrosis]
+        labels[edema], labels[rim], labels[necrosis] = LABEL_HYPER, LABEL_RIM, LABEL_CORE
+    return seg
+
+
 def vary_intensity(image, brain, rng, bias=0.15, gamma_range=(0.75, 1.35), noise_range=(0.01, 0.04), voxel_size=1.0):
     """Bias field, contrast (gamma and gain) and Gaussian noise, inside the brain; background stays 0."""
     field = np.exp(bias * rng.uniform(0.3, 1.0) * smooth_field(image.shape, rng, 60.0 / voxel_size))
@@ -198,11 +289,24 @@ def vary_intensity(image, brain, rng, bias=0.15, gamma_range=(0.75, 1.35), noise
     return np.where(brain, np.clip(out, 0.002, None), 0.0).astype(np.float32)  # brain stays > 0
 
 
-def synthesize_subject(template, rng, voxel_size=2.0, settings=LesionSettings()):
+def lesion_count(rng, settings):
+    """How many lesions one subject gets under `settings`."""
+    if rng.random() < settings.lesion_free_fraction:
+        return 0
+    if settings.model == "glioma":  # one tumour, occasionally multifocal
+        count = 1
+        while count < settings.max_lesions and rng.random() < settings.extra_tumour_probability:
+            count += 1
+        return count
+    return int(rng.integers(1, settings.max_lesions + 1))
+
+
+def synthesize_subject(template, rng, voxel_size=2.0, settings=GLIOMA_SETTINGS):
     """One random subject: (FLAIR-like image float32, BraTS label map uint8, affine)."""
     image, brain, affine = deform_template(template, rng, voxel_size)
-    count = 0 if rng.random() < settings.lesion_free_fraction else int(rng.integers(1, settings.max_lesions + 1))
-    seg = add_lesions(image, brain, rng, voxel_size, count, settings)
+    count = lesion_count(rng, settings)
+    paint = add_gliomas if settings.model == "glioma" else add_lesions
+    seg = paint(image, brain, rng, voxel_size, count, settings)
     return vary_intensity(image, brain, rng, voxel_size=voxel_size), seg, affine
 
 
@@ -220,7 +324,7 @@ def _subject_job(job):
     return subject
 
 
-def write_demo_subjects(raw_dir, num_subjects, seed=0, voxel_size=2.0, settings=LesionSettings(), workers=1):
+def write_demo_subjects(raw_dir, num_subjects, seed=0, voxel_size=2.0, settings=GLIOMA_SETTINGS, workers=1):
     """Write `num_subjects` synthetic subjects BraTS-style under `raw_dir` (replacing an earlier demo there)."""
     if num_subjects < 2:
         raise UserError(f"--num_subjects must be at least 2 (one per split), got {num_subjects}")
@@ -248,7 +352,7 @@ def write_demo_subjects(raw_dir, num_subjects, seed=0, voxel_size=2.0, settings=
 
 
 def make_demo_dataset(out_dir, num_subjects=72, seed=0, voxel_size=2.0, image_size=64, val_fraction=0.15,
-                      min_tumor_pixels=5, settings=LesionSettings(), workers=1, preview=True):
+                      min_tumor_pixels=5, settings=GLIOMA_SETTINGS, workers=1, preview=True):
     """Subjects under OUT/raw, the slice layout under OUT/slices, a picture at OUT/preview.png; returns counts."""
     raw_dir = write_demo_subjects(os.path.join(out_dir, "raw"), num_subjects, seed, voxel_size, settings, workers)
     options = SliceOptions(image_size=image_size, min_lesion_pixels=min_tumor_pixels)

@@ -9,24 +9,43 @@ import torch.distributed as dist
 from .gaussian_diffusion import FlagValueError
 
 
-def create_named_schedule_sampler(name, diffusion):
-    """Build the sampler `name` ("uniform" or "loss-second-moment") for `diffusion`."""
+def timestep_limit(num_timesteps, max_noise_level):
+    """The number of timesteps t < max_noise_level * T that a truncated sampler draws from (at least 1)."""
+    if not 0 < max_noise_level <= 1:
+        raise ValueError(f"max_noise_level {max_noise_level}: expected a fraction in (0, 1]")
+    return max(1, int(round(max_noise_level * num_timesteps)))
+
+
+def create_named_schedule_sampler(name, diffusion, max_noise_level=1.0):
+    """Build the sampler `name` ("uniform" or "loss-second-moment") for `diffusion`.
+
+    With `max_noise_level` < 1 it draws only t < max_noise_level * T (CDM evaluates the model at
+    t <= Q alone, so training capacity spent on the rest of the chain is lost to it).
+    """
     if name == "uniform":
-        return UniformSampler(diffusion)
+        return UniformSampler(diffusion, max_noise_level)
     if name == "loss-second-moment":
-        return LossSecondMomentResampler(diffusion)
+        return LossSecondMomentResampler(diffusion, max_noise_level=max_noise_level)
     raise FlagValueError(f"--schedule_sampler: unknown sampler {name!r} (expected 'uniform' or 'loss-second-moment')")
 
 
 class ScheduleSampler(ABC):
-    """Draws timesteps t with probability p_t ∝ weights()[t]."""
+    """Draws timesteps t < num_drawn with probability p_t ∝ weights()[t].
+
+    `num_drawn` is T for the whole chain, fewer for a sampler truncated by `max_noise_level`.
+    """
+
+    num_drawn = None
 
     @abstractmethod
     def weights(self):
-        """Unnormalised positive sampling weights, one per timestep (numpy array)."""
+        """Unnormalised positive sampling weights, one per drawable timestep (numpy array of num_drawn)."""
 
     def sample(self, batch_size, device):
-        """Draw `batch_size` timesteps; return (indices, weights) with weight 1/(T·p_t)."""
+        """Draw `batch_size` timesteps; return (indices, weights) with weight 1/(num_drawn·p_t).
+
+        The weights keep the loss an unbiased estimate of its mean over t uniform in [0, num_drawn).
+        """
         w = np.asarray(self.weights(), dtype=np.float64)
         p = w / w.sum()
         indices = np.random.choice(len(p), size=(batch_size,), p=p)
@@ -38,9 +57,10 @@ class ScheduleSampler(ABC):
 
 
 class UniformSampler(ScheduleSampler):
-    def __init__(self, diffusion):
+    def __init__(self, diffusion, max_noise_level=1.0):
         self.diffusion = diffusion
-        self._weights = np.ones(diffusion.num_timesteps, dtype=np.float64)
+        self.num_drawn = timestep_limit(diffusion.num_timesteps, max_noise_level)
+        self._weights = np.ones(self.num_drawn, dtype=np.float64)
 
     def weights(self):
         return self._weights
@@ -93,16 +113,17 @@ class LossSecondMomentResampler(LossAwareSampler):
     Uniform until every timestep has a full history.
     """
 
-    def __init__(self, diffusion, history_per_term=10, uniform_prob=0.001):
+    def __init__(self, diffusion, history_per_term=10, uniform_prob=0.001, max_noise_level=1.0):
         self.diffusion = diffusion
+        self.num_drawn = timestep_limit(diffusion.num_timesteps, max_noise_level)
         self.history_per_term = history_per_term
         self.uniform_prob = uniform_prob
-        self._loss_history = np.zeros((diffusion.num_timesteps, history_per_term), dtype=np.float64)
-        self._loss_counts = np.zeros(diffusion.num_timesteps, dtype=np.int64)
+        self._loss_history = np.zeros((self.num_drawn, history_per_term), dtype=np.float64)
+        self._loss_counts = np.zeros(self.num_drawn, dtype=np.int64)
 
     def weights(self):
         if not self._warmed_up():
-            return np.ones(self.diffusion.num_timesteps, dtype=np.float64)
+            return np.ones(self.num_drawn, dtype=np.float64)
         weights = np.sqrt(np.mean(self._loss_history**2, axis=-1))
         weights /= weights.sum()
         return weights * (1 - self.uniform_prob) + self.uniform_prob / len(weights)
@@ -110,6 +131,8 @@ class LossSecondMomentResampler(LossAwareSampler):
     def update_with_all_losses(self, ts, losses):
         for t, loss in zip(ts, losses):
             t = int(t)
+            if t >= self.num_drawn:  # only from a caller that draws its own timesteps
+                continue
             if self._loss_counts[t] == self.history_per_term:
                 # Full: drop the oldest loss.
                 self._loss_history[t, :-1] = self._loss_history[t, 1:]

@@ -1,17 +1,19 @@
-"""A timestep-aware ResNet-50/101 classifier built on torchvision, for guidance and CAM baselines."""
+"""A timestep-aware ResNet-18/50/101 classifier built on torchvision, for guidance and CAM baselines."""
 
 import torch
 import torch.nn as nn
 import torchvision
 
-from .cli import UserError
 from .nn import SiLU, linear, timestep_embedding, zero_module
 
-_BUILDERS = {50: torchvision.models.resnet50, 101: torchvision.models.resnet101}
+_BUILDERS = {18: torchvision.models.resnet18, 50: torchvision.models.resnet50, 101: torchvision.models.resnet101}
 
 
 class ResNetClassifier(nn.Module):
-    """torchvision ResNet-50/101 with a chosen input width, class count and optional time input.
+    """torchvision ResNet-18/50/101 with a chosen input width, class count and optional time input.
+
+    `keep_resolution` drops the stem's max-pool and layer 4's stride: the last feature map is then
+    1/8 of the input instead of 1/32 (8 x 8 at 64 px), which CAM methods need on small images.
 
     The timestep is embedded (sinusoidal -> MLP) and, after each of the four
     residual stages, projected to a per-channel scale and shift:
@@ -28,12 +30,19 @@ class ResNetClassifier(nn.Module):
     Module names conv1, bn1, layer1..layer4 and fc follow torchvision.
     """
 
-    def __init__(self, depth=50, in_channels=1, num_classes=2, time_conditioned=True, time_embed_dim=512):
+    def __init__(self, depth=50, in_channels=1, num_classes=2, time_conditioned=True, time_embed_dim=512,
+                 keep_resolution=False):
         super().__init__()
         if depth not in _BUILDERS:
-            raise UserError(f"ResNet depth {depth} is not supported (choose 50 or 101)")
+            raise ValueError(f"depth {depth}: ResNet depth not supported (choose 18, 50 or 101)")
         backbone = _BUILDERS[depth](weights=None)
+        if keep_resolution:
+            backbone.maxpool = nn.Identity()
+            first = backbone.layer4[0]
+            for module in (first.conv1, first.conv2, first.downsample[0]):
+                module.stride = (1, 1)
         self.depth = depth
+        self.keep_resolution = keep_resolution
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.time_conditioned = time_conditioned
@@ -50,7 +59,8 @@ class ResNetClassifier(nn.Module):
             self.time_embed = nn.Sequential(
                 linear(self.time_channels, time_embed_dim), SiLU(), linear(time_embed_dim, time_embed_dim)
             )
-            stage_widths = [stage[-1].conv3.out_channels for stage in self.stages]
+            stage_widths = [(stage[-1].bn3 if hasattr(stage[-1], "bn3") else stage[-1].bn2).num_features
+                            for stage in self.stages]
             self.time_proj = nn.ModuleList(
                 nn.Sequential(SiLU(), zero_module(linear(time_embed_dim, 2 * width))) for width in stage_widths
             )

@@ -14,13 +14,20 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from . import dist_util, logger
-from .checkpoint_util import check_same_diffusion, explicit_flags, load_classifier, load_model_and_diffusion
+from .checkpoint_util import (
+    check_same_diffusion,
+    explicit_flags,
+    load_classifier,
+    load_model_and_diffusion,
+    read_args_json,
+)
 from .cli import UserError, atomic_path
 from .guidance import make_classifier_cond_fn
 from .script_util import add_dict_to_argparser, classifier_defaults, model_and_diffusion_defaults, str2bool
@@ -281,6 +288,10 @@ def sample_main(argv=None, guided=False):
     dist_util.setup_dist()
     device = dist_util.dev()
     model, diffusion, config = load_model_and_diffusion(args.model_path, args, explicit, device)
+    trained_range = float(read_args_json(args.model_path).get("max_noise_level", 1.0))
+    if trained_range < 1:
+        warnings.warn(f"--model_path {args.model_path} was trained on t < {trained_range:g} T only (--max_noise_level); "
+                      f"sampling starts from pure noise at t = T, where it has never been trained", stacklevel=1)
     num_classes = config["num_classes"]
     cond_fn = None
     if guided:

@@ -25,7 +25,7 @@ DEFAULT_CHANNEL_MULT = {
     512: (0.5, 1, 1, 2, 2, 4, 4),
 }
 
-CLASSIFIER_TYPES = ("encoder", "resnet50", "resnet101")
+CLASSIFIER_TYPES = ("encoder", "resnet18", "resnet50", "resnet101")
 
 
 def diffusion_defaults():
@@ -82,6 +82,7 @@ def classifier_defaults():
         classifier_use_scale_shift_norm=True,
         classifier_resblock_updown=True,
         classifier_pool="attention",
+        resnet_keep_resolution=False,
     )
 
 
@@ -237,12 +238,14 @@ def create_classifier(
     classifier_use_scale_shift_norm=True,
     classifier_resblock_updown=True,
     classifier_pool="attention",
+    resnet_keep_resolution=False,
 ):
-    """A noise-conditioned classifier: the UNet encoder, or a timestep-aware ResNet-50/101."""
-    if model_type in ("resnet50", "resnet101"):
+    """A noise-conditioned classifier: the UNet encoder, or a timestep-aware ResNet-18/50/101."""
+    if model_type.startswith("resnet") and model_type in CLASSIFIER_TYPES:
         from .resnet import ResNetClassifier
 
-        return ResNetClassifier(depth=int(model_type[len("resnet"):]), in_channels=in_channels, num_classes=num_classes)
+        return ResNetClassifier(depth=int(model_type[len("resnet"):]), in_channels=in_channels, num_classes=num_classes,
+                                keep_resolution=resnet_keep_resolution)
     if model_type != "encoder":
         raise UserError(f"--model_type {model_type!r}: choose one of {', '.join(CLASSIFIER_TYPES)}")
     mult = parse_channel_mult(image_size, classifier_channel_mult, flag="--classifier_channel_mult")
@@ -347,7 +350,9 @@ FLAG_HELP = {
     "predict_xstart": "the network predicts x0 instead of the noise",
     "rescale_timesteps": "feed the network t*1000/T instead of t",
     "rescale_learned_sigmas": "scale the variational-bound term by T/1000 (the improved-DDPM hybrid loss)",
-    "model_type": "classifier network: encoder (half UNet), resnet50 or resnet101",
+    "model_type": "classifier network: encoder (half UNet), resnet18, resnet50 or resnet101",
+    "resnet_keep_resolution": "ResNet without the stem's max-pool and with stride 1 in layer 4: its last feature map is "
+    "1/8 of the image (8x8 at 64 px) instead of 1/32, so CAM maps are not limited by resolution",
     "classifier_use_fp16": "run the classifier body in float16 (GPU)",
     "classifier_width": "base width of the encoder classifier",
     "classifier_depth": "residual blocks per encoder level",

@@ -65,8 +65,9 @@ TRAIN_HELP = {
     "eval_interval": "validate every this many steps (0: never)",
     "val_split": "subfolder of --src_dir used for validation",
     "val_max_images": "validate on at most this many images (a fixed random subset)",
-    "max_noise_level": "train and validate on timesteps t < this fraction of T only (1: the whole chain); "
-    "CG-CDM queries the classifier near --noise_level",
+    "max_noise_level": "train (and validate) on timesteps t < this fraction of T only (1: the whole chain); "
+    "CDM / CG-CDM only evaluate the models at t <= --noise_level, so 0.25 of T = 4000 covers Q = 400 with margin; "
+    "a DDPM trained so cannot sample from pure noise",
     "diffusion_config": "the DDPM's args.json: its diffusion, image size, channels and classes are used",
     "class_index": "for a --src_dir of .npy volumes (Z, 2, H, W): organ label(s) that make a slice positive, "
                    "comma-separated (2,3 = both kidneys)",
@@ -96,6 +97,7 @@ def train_defaults():
         seed=0,
         workers=2,
         channels_last=False,
+        max_noise_level=1.0,
         dump_final_params="",
     )
 
@@ -117,7 +119,6 @@ def classifier_train_defaults():
         eval_interval=100,
         val_split="validation",
         val_max_images=512,
-        max_noise_level=1.0,
     )
     return defaults
 
@@ -248,6 +249,8 @@ def _dump_params(model, directory):
 
 def _start(args, ema_rates):
     """Distributed setup, output folder and logger; returns the checkpoint to resume from (or None)."""
+    if not 0 < args.max_noise_level <= 1:
+        raise UserError(f"--max_noise_level {args.max_noise_level}: expected a fraction in (0, 1]")
     dist_util.setup_dist()
     require_dir(args.src_dir, "--src_dir")
     resume_path = None
@@ -282,7 +285,7 @@ def ddpm_main(argv=None, *, description, **overrides):
     model, diffusion = create_model_and_diffusion(**config)
     loop = TrainLoop(
         model=model, diffusion=diffusion, data=data,
-        schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
+        schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion, args.max_noise_level),
         batch_size=args.batch_size, microbatch=args.microbatch, lr=args.lr, ema_rate=args.ema_rate,
         log_interval=args.log_interval, save_interval=args.save_interval, resume_checkpoint=resume_path or "",
         save_dir=args.save_dir, use_fp16=config["use_fp16"], amp=args.amp,
@@ -361,7 +364,7 @@ def classifier_main(argv=None, *, description, **overrides):
     )
     loop = ClassifierTrainLoop(
         model=model, diffusion=diffusion, data=data, noised=args.noised,
-        schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
+        schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion, args.max_noise_level),
         val_dataset=val_dataset, eval_interval=args.eval_interval, val_max_images=args.val_max_images,
         max_noise_level=args.max_noise_level,
         batch_size=args.batch_size, microbatch=args.microbatch, lr=args.lr, ema_rate=args.ema_rate,

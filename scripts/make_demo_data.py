@@ -1,7 +1,9 @@
 """Make the demo dataset: synthetic BraTS-style subjects and their 2-D slice layout.
 
 Each subject is a randomly deformed, intensity-varied copy of the MNI152 template brain
-(shipped with nilearn, no download) with zero or more irregular lesions. Writes
+(shipped with nilearn, no download) with BraTS-like FLAIR gliomas (--lesion_model glioma,
+the default: usually one tumour, edema around an enhancing core, labels 2 / 4 / 1) or the
+harder "mixed" model (--lesion_model mixed: up to five bright, dark or ring lesions from 4 mm). Writes
 OUT/raw/<subject>/<subject>_{flair,seg}.nii.gz, the slice layout OUT/slices (as
 scripts/prepare_brats.py would) and a picture OUT/preview.png. The same --seed gives the
 same files. The defaults (64x64 slices, a few thousand training slices, a few hundred
@@ -14,7 +16,7 @@ example:
 import argparse
 
 from guided_diffusion.cli import UserError, run_main
-from guided_diffusion.demo_data import LesionSettings, make_demo_dataset
+from guided_diffusion.demo_data import LESION_MODELS, lesion_settings, make_demo_dataset
 from guided_diffusion.volumes import format_counts
 
 
@@ -31,10 +33,16 @@ def create_argparser():
                    help="lesion pixels (after resizing) a slice needs to be called tumor (default: 5)")
     p.add_argument("--lesion_free_fraction", type=float, default=0.1,
                    help="fraction of subjects without any lesion (default: 0.1)")
-    p.add_argument("--max_lesions", type=int, default=5,
-                   help="the others get 1..max_lesions lesions (default: 5)")
-    p.add_argument("--min_lesion_mm", type=float, default=4.0, help="smallest lesion diameter in mm (default: 4)")
-    p.add_argument("--max_lesion_mm", type=float, default=50.0, help="largest lesion diameter in mm (default: 50)")
+    p.add_argument("--lesion_model", default="glioma", choices=LESION_MODELS,
+                   help="glioma: BraTS-like FLAIR whole tumours; mixed: up to five small bright, dark or ring "
+                        "lesions anywhere in the brain (default: glioma)")
+    p.add_argument("--max_lesions", type=int, default=None,
+                   help="most lesions per subject (default: 2 for glioma, where a second tumour is rare; 5 for mixed, "
+                        "drawn uniformly from 1..5)")
+    p.add_argument("--min_lesion_mm", type=float, default=None,
+                   help="smallest whole-lesion diameter in mm (default: 20 for glioma, 4 for mixed)")
+    p.add_argument("--max_lesion_mm", type=float, default=None,
+                   help="largest whole-lesion diameter in mm (default: 70 for glioma, 50 for mixed)")
     p.add_argument("--seed", type=int, default=0, help="seed of everything random (default: 0)")
     p.add_argument("--workers", type=int, default=2, help="processes working in parallel (default: 2)")
     return p
@@ -42,13 +50,16 @@ def create_argparser():
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
-    if not 0 < args.min_lesion_mm <= args.max_lesion_mm:
-        raise UserError(f"--min_lesion_mm {args.min_lesion_mm} and --max_lesion_mm {args.max_lesion_mm}: "
+    settings = lesion_settings(args.lesion_model, lesion_free_fraction=args.lesion_free_fraction,
+                               max_lesions=args.max_lesions, min_diameter_mm=args.min_lesion_mm,
+                               max_diameter_mm=args.max_lesion_mm)
+    if not 0 < settings.min_diameter_mm <= settings.max_diameter_mm:
+        raise UserError(f"--min_lesion_mm {settings.min_diameter_mm} and --max_lesion_mm {settings.max_diameter_mm}: "
                         f"need 0 < min <= max")
-    if args.max_lesions < 1 or not 0 <= args.lesion_free_fraction < 1:
-        raise UserError("--max_lesions must be at least 1 and --lesion_free_fraction in [0, 1)")
-    settings = LesionSettings(lesion_free_fraction=args.lesion_free_fraction, max_lesions=args.max_lesions,
-                              min_diameter_mm=args.min_lesion_mm, max_diameter_mm=args.max_lesion_mm)
+    if settings.max_lesions < 1:
+        raise UserError(f"--max_lesions {settings.max_lesions}: must be at least 1")
+    if not 0 <= settings.lesion_free_fraction < 1:
+        raise UserError(f"--lesion_free_fraction {settings.lesion_free_fraction}: must be in [0, 1)")
     counts = make_demo_dataset(args.out_dir, num_subjects=args.num_subjects, seed=args.seed,
                                voxel_size=args.voxel_size, image_size=args.image_size,
                                val_fraction=args.val_fraction, min_tumor_pixels=args.min_tumor_pixels,

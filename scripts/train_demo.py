@@ -1,11 +1,15 @@
 """Reproduce the shipped demo models in runs/demo/ with the project's own scripts.
 
 Runs, in order: the demo dataset (scripts/make_demo_data.py, if missing), the class-conditional
-DDPM (train_tumor_ddfm.py), the noise-conditioned encoder classifier that guides CG-CDM and the
-ResNet-50 used by the CAM baselines (classifier_tumor_train.py), then exports each run's final
-weights in half precision, with its args.json, to runs/demo/{ddpm,classifier,resnet50}/
-(the ResNet-50, 54 MB in half precision, is not committed to git; this script remakes it).
-Every command is printed before it runs; on a 2-core CPU the whole sequence takes about an hour.
+DDPM (train_tumor_ddfm.py) on t < 0.25 T only (CDM evaluates it at t <= Q = 0.1 T), the
+noise-conditioned encoder classifier that guides CG-CDM, on the same range, and the plain
+ResNet-18 of the CAM baselines, without the stem's max-pool and with layer 4 at stride 1 so
+that its last feature map is 8 x 8 (classifier_tumor_train.py); then exports each run's final
+weights in half precision, with its args.json, to runs/demo/{ddpm,classifier,resnet18}/.
+With --noise_range_study it also trains the DDPM for --study_steps with --max_noise_level 1
+and 0.1 (the 0.25 run's own checkpoint at that step is the third point), for
+scripts/noise_range_study.py. Every command is printed before it runs; on a 2-core CPU the
+default sequence takes about 80 minutes.
 """
 
 import argparse
@@ -18,6 +22,7 @@ import torch
 
 from guided_diffusion.checkpoint_util import latest_checkpoint
 from guided_diffusion.cli import UserError, atomic_torch_save, run_main
+from guided_diffusion.script_util import str2bool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,12 +31,16 @@ DDPM_FLAGS = (
     "--attention_resolutions 16,8 --num_heads 4 --class_cond True --diffusion_steps 4000 --noise_schedule linear "
     "--lr 2e-4 --batch_size 16 --ema_rate 0.999 --log_interval 50 --seed 0"
 )
+DDPM_NOISE_LEVEL = 0.25  # of T: covers Q = 400 of 4000 with margin
 ENCODER_FLAGS = (
     "--dataset demo --model_type encoder --classifier_width 32 --classifier_depth 1 "
     "--classifier_attention_resolutions 16,8 --classifier_num_head_channels 32 --classifier_pool attention "
     "--lr 3e-4 --batch_size 32 --log_interval 50 --eval_interval 200 --seed 0"
 )
-RESNET_FLAGS = "--dataset demo --model_type resnet50 --noised False --lr 3e-4 --batch_size 32 --log_interval 50 --eval_interval 200 --seed 0"
+RESNET_FLAGS = (
+    "--dataset demo --model_type resnet18 --resnet_keep_resolution True --noised False --lr 3e-4 --batch_size 32 "
+    "--log_interval 50 --eval_interval 200 --seed 0"
+)
 
 
 def run(script, flags, extra):
@@ -58,9 +67,14 @@ def main():
     parser.add_argument("--data_dir", default="data/demo", help="demo dataset folder (made if missing)")
     parser.add_argument("--work_dir", default="runs/demo_train", help="where the full training runs are written")
     parser.add_argument("--out_dir", default="runs/demo", help="where the shipped half-precision models go")
-    parser.add_argument("--ddpm_steps", type=int, default=1000, help="DDPM training steps")
-    parser.add_argument("--classifier_steps", type=int, default=600, help="encoder classifier training steps")
-    parser.add_argument("--resnet_steps", type=int, default=300, help="ResNet-50 training steps")
+    parser.add_argument("--ddpm_steps", type=int, default=2400, help="DDPM training steps (default: 2400)")
+    parser.add_argument("--classifier_steps", type=int, default=800,
+                        help="encoder classifier training steps (default: 800)")
+    parser.add_argument("--resnet_steps", type=int, default=300, help="ResNet-18 (CAM) training steps (default: 300)")
+    parser.add_argument("--noise_range_study", type=str2bool, default=False,
+                        help="also train the DDPM for --study_steps on t < T and t < 0.1 T (default: False)")
+    parser.add_argument("--study_steps", type=int, default=300,
+                        help="steps of each noise-range study run; the main run saves a checkpoint there (default: 300)")
     args = parser.parse_args()
     os.chdir(ROOT)
 
@@ -72,26 +86,37 @@ def main():
         "train_tumor_ddfm.py",
         DDPM_FLAGS,
         ["--src_dir", slices, "--save_dir", ddpm_dir, "--max_steps", str(args.ddpm_steps),
-         "--save_interval", "250", "--resume_checkpoint", "auto"],
+         "--max_noise_level", str(DDPM_NOISE_LEVEL), "--save_interval", str(args.study_steps),
+         "--resume_checkpoint", "auto"],
     )
     ddpm_config = os.path.join(ddpm_dir, "args.json")
     run(
         "classifier_tumor_train.py",
         ENCODER_FLAGS,
         ["--src_dir", slices, "--save_dir", os.path.join(args.work_dir, "classifier"), "--diffusion_config", ddpm_config,
-         "--max_noise_level", "0.25", "--max_steps", str(args.classifier_steps), "--resume_checkpoint", "auto"],
+         "--max_noise_level", str(DDPM_NOISE_LEVEL), "--max_steps", str(args.classifier_steps),
+         "--resume_checkpoint", "auto"],
     )
     run(
         "classifier_tumor_train.py",
         RESNET_FLAGS,
-        ["--src_dir", slices, "--save_dir", os.path.join(args.work_dir, "resnet50"), "--diffusion_config", ddpm_config,
+        ["--src_dir", slices, "--save_dir", os.path.join(args.work_dir, "resnet18"), "--diffusion_config", ddpm_config,
          "--max_steps", str(args.resnet_steps), "--resume_checkpoint", "auto"],
     )
+    if args.noise_range_study:
+        for level in (1.0, 0.1):
+            run(
+                "train_tumor_ddfm.py",
+                DDPM_FLAGS,
+                ["--src_dir", slices, "--save_dir", os.path.join(args.work_dir, f"ddpm_noise{level:g}"),
+                 "--max_steps", str(args.study_steps), "--max_noise_level", str(level),
+                 "--save_interval", str(args.study_steps), "--resume_checkpoint", "auto"],
+            )
     # Raw weights, not the EMA: after only 1000 steps an EMA at rate 0.999 still holds
     # 0.999^1000 = 37% of the random initialisation, and it denoises far worse.
     export_half(ddpm_dir, os.path.join(args.out_dir, "ddpm"))
     export_half(os.path.join(args.work_dir, "classifier"), os.path.join(args.out_dir, "classifier"))
-    export_half(os.path.join(args.work_dir, "resnet50"), os.path.join(args.out_dir, "resnet50"))
+    export_half(os.path.join(args.work_dir, "resnet18"), os.path.join(args.out_dir, "resnet18"))
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ def test_max_noise_level_limits_training_and_validation_timesteps(tmp_path, monk
     drawn = torch.cat(seen)
     assert loop.max_timestep == 250 and len(drawn) > 24
     assert int(drawn.max()) < 250 and int(drawn.max()) > 60  # uniform over [0, 250), not the whole chain
-    with pytest.raises(ValueError, match="--max_noise_level"):
+    with pytest.raises(ValueError, match="max_noise_level"):
         classifier_loop(tmp_path / "bad", max_steps=1, max_noise_level=1.5)
 
 
