@@ -1,11 +1,8 @@
-"""Saliency post-processing (min-max, Otsu, largest component) and segmentation metrics.
+"""Segmentation metrics (map-to-mask post-processing lives in `segment.postprocess`).
 
 Conventions, chosen so that no case is silently reported as perfect:
 
-- Images are the last two axes of an array; any leading axes index images, so
-  `normalize_map`, `otsu_mask`, `largest_component` and `saliency_to_mask`
-  accept one (H, W) map or a stack (..., H, W) and treat every image alone.
-  Inputs may be numpy arrays or torch tensors; outputs are numpy arrays.
+- Inputs may be numpy arrays or torch tensors; stacks are (N, H, W).
 - Dice / IoU / HD95 are per-image 2-D metrics in pixel units (`spacing` scales
   them). An empty prediction against a non-empty mask has Dice = IoU = 0;
   both empty is undefined (NaN). HD95 is NaN whenever either mask is empty.
@@ -59,89 +56,6 @@ def _as_2d_mask(x, name):
 def _check_same_shape(pred, gt):
     if pred.shape != gt.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from ground-truth shape {gt.shape}")
-
-
-# ---------------------------------------------------------------------------
-# post-processing
-
-
-def normalize_map(saliency):
-    """Min-max normalise each image of `saliency` (..., H, W) to [0, 1].
-
-    A constant image becomes all zeros (never NaN). Returns float64.
-    """
-    stack, shape = _as_image_stack(saliency, "saliency")
-    stack = stack.astype(np.float64)
-    low = stack.min(axis=(1, 2), keepdims=True)
-    span = stack.max(axis=(1, 2), keepdims=True) - low
-    # Dividing by a span of 1 where the image is constant leaves exact zeros.
-    out = (stack - low) / np.where(span > 0, span, 1.0)
-    return out.reshape(shape)
-
-
-def otsu_threshold_edge(image, bins=256):
-    """The lowest intensity of Otsu's upper class for one image (needs two distinct values).
-
-    Otsu's method as in `skimage.filters.threshold_otsu`: a `bins`-bin
-    histogram over [min, max] and the split between bins that maximises the
-    between-class variance. skimage returns the centre of the last lower bin,
-    so `image > threshold` would move the upper half of that bin into the
-    upper class; returning the split's bin edge keeps the classes Otsu scored.
-    """
-    counts, edges = np.histogram(image, bins=bins)
-    centres = (edges[:-1] + edges[1:]) / 2
-    weight_low = np.cumsum(counts)[:-1]
-    weight_high = np.cumsum(counts[::-1])[::-1][1:]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mean_low = np.cumsum(counts * centres)[:-1] / weight_low
-        mean_high = np.cumsum((counts * centres)[::-1])[::-1][1:] / weight_high
-        between = weight_low * weight_high * (mean_low - mean_high) ** 2
-    split = int(np.nanargmax(between))  # last bin of the lower class
-    return edges[split + 1]
-
-
-def otsu_mask(saliency):
-    """Boolean mask of each image's upper Otsu class (see `otsu_threshold_edge`).
-
-    A constant image gives an empty mask. NaN values are an error.
-    """
-    stack, shape = _as_image_stack(saliency, "saliency")
-    stack = stack.astype(np.float64)
-    if not np.all(np.isfinite(stack)):
-        raise ValueError("saliency map contains NaN or infinite values")
-    out = np.zeros(stack.shape, dtype=bool)
-    for i, image in enumerate(stack):
-        if image.min() == image.max():
-            continue
-        out[i] = image >= otsu_threshold_edge(image)
-    return out.reshape(shape)
-
-
-def largest_component(mask):
-    """Keep the largest 4-connected component of each image of `mask` (..., H, W).
-
-    Connectivity is scipy.ndimage.label's default cross. When several
-    components share the maximal size, all of them are kept (as the original
-    post-processing does). An empty image stays empty.
-    """
-    stack, shape = _as_image_stack(mask, "mask")
-    stack = stack.astype(bool)
-    out = np.zeros(stack.shape, dtype=bool)
-    for i, image in enumerate(stack):
-        labels, count = ndimage.label(image)
-        if count == 0:
-            continue
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = 0  # background
-        keep = np.flatnonzero(sizes == sizes.max())
-        out[i] = np.isin(labels, keep)
-    return out.reshape(shape)
-
-
-def saliency_to_mask(saliency, keep_largest=False):
-    """Per image: min-max normalise, Otsu threshold, optionally keep the largest component."""
-    mask = otsu_mask(normalize_map(saliency))
-    return largest_component(mask) if keep_largest else mask
 
 
 # ---------------------------------------------------------------------------

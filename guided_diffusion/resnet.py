@@ -70,11 +70,6 @@ class ResNetClassifier(nn.Module):
         """The four residual stages, in order."""
         return [self.layer1, self.layer2, self.layer3, self.layer4]
 
-    @property
-    def cam_target_layer(self):
-        """The last convolutional stage, the usual Grad-CAM target."""
-        return self.layer4
-
     def forward(self, x, timesteps=None):
         """Class logits (B, num_classes) for x at `timesteps` (None: t=0)."""
         h = self.maxpool(self.relu(self.bn1(self.conv1(x))))

@@ -3,13 +3,13 @@
 For each image size it builds one DDPM and one noise-conditioned classifier (random weights of
 the given small width: timing does not depend on the values) and times, on the same images:
 
-  cg-cdm          `segmentation.cdm_saliency`: both branches and the whole batch in one UNet call
+  cg-cdm          `segment.cdm_saliency`: both branches and the whole batch in one UNet call
                   and one classifier-gradient call per step, the map accumulated on the device;
   cg-cdm seed     the original loop: one image at a time, a cloned second model whose label
                   embedding row 0 holds tau*E[1] + (1-tau)*E[0], two UNet calls and two guidance
                   calls per step, the difference copied to the host every step (and the original
                   step indices, noised to Q, first step at Q-1);
-  anomaly         `segmentation.anomaly_saliency` with L encode + L guided decode steps (L=500).
+  anomaly         `segment.anomaly_saliency` with L encode + L guided decode steps (L=500).
 
 Example (CPU, a few minutes; the L=500 anomaly time is scaled from 20 measured steps):
     python scripts/bench_seg.py --sizes 64,224 --images 8,2 --anomaly_images 2,1 --anomaly_measured_steps 20
@@ -28,7 +28,7 @@ from guided_diffusion import dist_util
 from guided_diffusion.cli import UserError, atomic_write_text, run_main
 from guided_diffusion.guidance import make_classifier_cond_fn
 from guided_diffusion.script_util import create_classifier, create_model_and_diffusion, model_and_diffusion_defaults
-from guided_diffusion.segmentation import anomaly_saliency, cdm_saliency, noise_step
+from guided_diffusion.segment import anomaly_saliency, cdm_saliency, noise_step
 
 ATTENTION = {64: "16,8", 128: "16,8", 224: "28,14", 256: "32,16"}
 

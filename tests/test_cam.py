@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from guided_diffusion.cam import CAM_METHODS, cam_saliency, class_activation_map, gap_linear_head
-from guided_diffusion.cli import UserError
-from guided_diffusion.metrics import dice, saliency_to_mask
+from guided_diffusion.segment.cam import CAM_METHODS, cam_saliency, class_activation_map, gap_linear_head
+from guided_diffusion.metrics import dice
+from guided_diffusion.segment.postprocess import saliency_to_mask
 from guided_diffusion.resnet import ResNetClassifier
 from guided_diffusion.script_util import create_classifier
 
@@ -27,7 +27,7 @@ class BrightnessClassifier(nn.Module):
             self.fc.bias.zero_()
 
     @property
-    def cam_target_layer(self):
+    def layer4(self):  # the last spatial feature map, where CAM looks for a ResNet's
         return self.features
 
     def forward(self, x, timesteps=None):
@@ -103,5 +103,5 @@ def test_attention_pool_encoder_runs_every_method_and_cam_falls_back_to_grad_cam
 
 
 def test_unknown_method_is_a_user_error():
-    with pytest.raises(UserError, match="--method"):
+    with pytest.raises(ValueError, match="method"):
         cam_saliency(BrightnessClassifier(), torch.zeros(1, 1, 8, 8), 1, "eigencam")

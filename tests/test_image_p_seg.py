@@ -1,7 +1,6 @@
 """scripts/image_p_seg.py end to end on tiny checkpoints and a tiny generated NIfTI-derived dataset."""
 
 import csv
-import importlib.util
 import json
 import os
 import shutil
@@ -17,15 +16,14 @@ from PIL import Image
 from guided_diffusion import script_util
 from guided_diffusion.checkpoint_util import write_args_json
 from guided_diffusion.cli import UserError
+from guided_diffusion.segment import command
 from guided_diffusion.metrics import dice_3d
 from guided_diffusion.volumes import SliceOptions, VolumeCase, export_slice_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "image_p_seg.py")
 
-spec = importlib.util.spec_from_file_location("image_p_seg", SCRIPT)
-image_p_seg = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(image_p_seg)
+image_p_seg = command
 
 TINY = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="16",
             diffusion_steps=100)
@@ -127,9 +125,10 @@ def test_every_method_writes_every_output(setup, tmp_path, method):
         assert 0 <= dice <= 1 and row["label"] == "1"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == method and summary["n_images"] == 4 and summary["seconds_per_image"] > 0
+    (variant,) = summary["variants"].values()  # one schema: a single variant is still under "variants"
     for kind in ("otsu", "largest_component"):
-        assert summary[kind]["n"] == 4
-        assert summary[kind]["dice_mean"] == pytest.approx(np.mean([float(r["dice" if kind == "otsu" else "dice_lcc"])
+        assert variant[kind]["n"] == 4
+        assert variant[kind]["dice_mean"] == pytest.approx(np.mean([float(r["dice" if kind == "otsu" else "dice_lcc"])
                                                                      for r in rows]))
     saved = np.load(out / "saliency.npz")
     assert saved["maps"].shape == (4, 32, 32) and list(saved["names"]) == names
@@ -139,7 +138,6 @@ def test_every_method_writes_every_output(setup, tmp_path, method):
         mask = np.asarray(Image.open(out / folder / pngs[0]))
         assert mask.shape == (32, 32) and set(np.unique(mask)) <= {0, 255}
     assert (out / "grid.png").stat().st_size > 1000
-    assert (out / "log.txt").exists()
     assert not [f for f in os.listdir(out) if f.startswith(".")]  # no temporary files left
 
 
@@ -171,7 +169,7 @@ def test_volumes_are_pasted_on_the_source_grid_with_3d_dice(setup, tmp_path):
     gt = np.asarray(nib.load(setup["root"] / "raw" / subject / f"{subject}_seg.nii.gz").dataobj) > 0
     assert float(rows[0]["dice_3d"]) == pytest.approx(dice_3d(predicted, gt))
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["volumes"]["dice_3d_mean"] == pytest.approx(float(rows[0]["dice_3d"]))
+    assert summary["variants"]["tau_0.95"]["volumes"]["dice_3d_mean"] == pytest.approx(float(rows[0]["dice_3d"]))
 
 
 def test_seed_classifier_location_and_guided_switch(setup, tmp_path):
@@ -209,3 +207,38 @@ def test_errors_exit_2_with_one_line_and_no_traceback(setup, tmp_path):
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert result.stderr.startswith("error: --classifier_path is required")
+
+
+def test_volumes_without_manifest_fail_before_any_output(setup, tmp_path):
+    no_manifest = tmp_path / "no_manifest"
+    shutil.copytree(setup["slices"], no_manifest)
+    os.remove(no_manifest / "manifest.csv")
+    out = tmp_path / "vol_err"
+    with pytest.raises(UserError, match="--src_dir .*manifest.csv"):
+        image_p_seg.main(["--src_dir", str(no_manifest), "--model_path", setup["model"], "--out_dir", str(out),
+                          "--steps", "3", "--volumes", "True"])
+    assert not out.exists()
+
+
+def test_an_earlier_output_folder_survives_a_failed_run(setup, tmp_path, monkeypatch):
+    out = run(setup, tmp_path / "keep")
+    before = sorted(os.listdir(out))
+    from guided_diffusion.segment import report
+
+    def broken_grid(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "write_grid", broken_grid)
+    with pytest.raises(UserError, match="--out_dir"):
+        run(setup, out)
+    assert sorted(os.listdir(out)) == before  # the complete earlier run, untouched
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".keep")]  # no temporary folder left
+
+
+def test_mask_options_reach_the_report(setup, tmp_path):
+    out = run(setup, tmp_path / "options", "--smooth_sigma", "1", "--foreground_only", "True")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mask_options"] == {"smooth_sigma": 1.0, "foreground_only": True, "keep_largest": False}
+    assert 0 <= summary["variants"]["tau_0.95"]["map_separability"] <= 1
+    with pytest.raises(UserError, match="--smooth_sigma"):
+        run(setup, tmp_path / "bad", "--smooth_sigma", "-1")

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from guided_diffusion.cli import UserError
+from guided_diffusion.segment.cam import cam_target_layer
 from guided_diffusion.resnet import ResNetClassifier
 
 torch.set_num_threads(1)
@@ -37,7 +37,7 @@ def test_depth_selects_torchvision_architecture():
     blocks = lambda m: [len(stage) for stage in m.stages]  # noqa: E731
     assert blocks(ResNetClassifier(depth=50)) == [3, 4, 6, 3]
     assert blocks(ResNetClassifier(depth=101, time_conditioned=False)) == [3, 4, 23, 3]
-    with pytest.raises(UserError, match="depth 34"):
+    with pytest.raises(ValueError, match="depth 34"):
         ResNetClassifier(depth=34)
 
 
@@ -92,10 +92,10 @@ def test_batchnorm_is_trained_normally():
 
 def test_cam_target_layer_is_last_stage_and_gradcam_runs():
     model = ResNetClassifier(depth=50, in_channels=1, num_classes=2).eval()
-    assert model.cam_target_layer is model.layer4
+    assert cam_target_layer(model) is model.layer4
     grad_cam = pytest.importorskip("pytorch_grad_cam")
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    with grad_cam.GradCAM(model=model, target_layers=[model.cam_target_layer]) as cam:
+    with grad_cam.GradCAM(model=model, target_layers=[cam_target_layer(model)]) as cam:
         maps = cam(input_tensor=torch.randn(2, 1, 64, 64), targets=[ClassifierOutputTarget(1)] * 2)
     assert maps.shape == (2, 64, 64)

@@ -8,10 +8,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from guided_diffusion import segmentation as seg
-from guided_diffusion.cli import UserError
+from guided_diffusion.segment import chain, saliency
+from guided_diffusion.segment.methods import Anomaly, SaliencySettings
 from guided_diffusion.guidance import make_classifier_cond_fn
-from guided_diffusion.metrics import dice, saliency_to_mask
+from guided_diffusion.metrics import dice
+from guided_diffusion.segment.postprocess import saliency_to_mask
 from guided_diffusion.script_util import (
     create_classifier,
     create_gaussian_diffusion,
@@ -73,7 +74,7 @@ ONES = torch.ones(3, dtype=torch.long)
 def test_cdm_recovers_the_planted_region_exactly():
     region = square_region()
     x0, noise = images()
-    maps = seg.cdm_saliency(PlantedEps(region), make_diffusion(), x0, ONES, noise_level=0.1, steps=10, tau=0.95,
+    maps = saliency.cdm_saliency(PlantedEps(region), make_diffusion(), x0, ONES, noise_level=0.1, steps=10, tau=0.95,
                             noise=noise, clip_denoised=False)
     assert maps.shape == (3, SIZE, SIZE) and maps.dtype == np.float32
     inside = region[0, 0].bool().numpy()
@@ -89,7 +90,7 @@ def test_cdm_matches_the_closed_form_on_the_paper_step_indices():
     region, diffusion = square_region(), make_diffusion()
     c, amp, tau, q, steps = 0.1, 0.5, 0.8, 37, 6
     x0, noise = images()
-    maps = seg.cdm_saliency(PlantedEps(region, c, amp), diffusion, x0, ONES, noise_level=q, steps=steps, tau=tau,
+    maps = saliency.cdm_saliency(PlantedEps(region, c, amp), diffusion, x0, ONES, noise_level=q, steps=steps, tau=tau,
                             noise=noise, clip_denoised=False)
     abar = np.cumprod(1.0 - np.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T))
     d, total = 0.0, 0.0
@@ -115,7 +116,7 @@ def test_one_batched_call_per_step_at_q_down_to_q_minus_r_plus_one(rescale):
     model = PlantedEps(square_region())
     x0, noise = images(batch=2)
     diffusion = make_diffusion(rescale_timesteps=rescale)
-    seg.cdm_saliency_multi(model, diffusion, x0, torch.ones(2, dtype=torch.long), taus=[0.95, 0.5, 0.0],
+    saliency.cdm_saliency_multi(model, diffusion, x0, torch.ones(2, dtype=torch.long), taus=[0.95, 0.5, 0.0],
                            noise_level=0.1, steps=4, stride=3, noise=noise)
     q = round(0.1 * T)
     assert [batch for batch, _ in model.calls] == [8] * 4  # A + three B branches, two images each
@@ -127,14 +128,14 @@ def test_one_batched_call_per_step_at_q_down_to_q_minus_r_plus_one(rescale):
 
 def test_soft_label_branch_is_the_linear_mix_of_the_hard_label_branches():
     x0, noise = images()
-    steps = list(seg.cdm_branch_steps(PlantedEps(square_region()), make_diffusion(), x0, ONES, taus=[0.7, 0.0],
+    steps = list(saliency.cdm_branch_steps(PlantedEps(square_region()), make_diffusion(), x0, ONES, taus=[0.7, 0.0],
                                       noise_level=0.15, steps=5, noise=noise, clip_denoised=False))
     assert len(steps) == 5
     for x_a, (x_soft, x_healthy) in steps:
         torch.testing.assert_close(x_soft, 0.7 * x_a + 0.3 * x_healthy, rtol=1e-5, atol=1e-6)
     # Hence the 1/(1 - tau) factor makes the map independent of tau for a label-linear model.
     kwargs = dict(noise_level=0.15, steps=5, noise=noise, clip_denoised=False)
-    maps = seg.cdm_saliency_multi(PlantedEps(square_region()), make_diffusion(), x0, ONES, taus=[0.95, 0.3, 0.0],
+    maps = saliency.cdm_saliency_multi(PlantedEps(square_region()), make_diffusion(), x0, ONES, taus=[0.95, 0.3, 0.0],
                                   **kwargs)
     np.testing.assert_allclose(maps[0.95], maps[0.0], rtol=1e-3, atol=1e-6)
     np.testing.assert_allclose(maps[0.3], maps[0.0], rtol=1e-4, atol=1e-7)
@@ -206,14 +207,14 @@ def test_batched_cdm_equals_the_per_image_reference_loop(guided):
     q, steps, tau, scale = 30, 4, 0.9, 10.0
     expected = reference_cdm(model, diffusion, x0, 1, noise, q, steps, tau, classifier, scale)
     cond_fn = make_classifier_cond_fn(classifier, scale) if guided else None
-    actual = seg.cdm_saliency(model, diffusion, x0, ONES, noise_level=q, steps=steps, tau=tau, cond_fn=cond_fn,
+    actual = saliency.cdm_saliency(model, diffusion, x0, ONES, noise_level=q, steps=steps, tau=tau, cond_fn=cond_fn,
                               noise=noise)
     assert np.abs(expected).max() > 1e-3  # the label matters in this random network
     # float32: batching changes the rounding (differences ~1e-6); an off-by-one step or a wrong tau changes
     # these maps by ~1e-3.
     np.testing.assert_allclose(actual, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
     if guided:
-        unguided = seg.cdm_saliency(model, diffusion, x0, ONES, noise_level=q, steps=steps, tau=tau, noise=noise)
+        unguided = saliency.cdm_saliency(model, diffusion, x0, ONES, noise_level=q, steps=steps, tau=tau, noise=noise)
         assert np.abs(unguided - actual).max() > 1e-2 * np.abs(actual).max()
 
 
@@ -244,9 +245,9 @@ def test_guidance_moves_branch_a_toward_y1_and_branch_b_toward_y0_inside_the_cla
     region = square_region(top=9, left=2, height=4, width=7)
     x0, noise = images()
     kwargs = dict(noise_level=0.1, steps=10, tau=0.95, noise=noise, clip_denoised=False)
-    unguided = seg.cdm_saliency(ZeroEps(), make_diffusion(), x0, ONES, **kwargs)
+    unguided = saliency.cdm_saliency(ZeroEps(), make_diffusion(), x0, ONES, **kwargs)
     assert np.all(unguided == 0)
-    guided = seg.cdm_saliency(ZeroEps(), make_diffusion(), x0, ONES,
+    guided = saliency.cdm_saliency(ZeroEps(), make_diffusion(), x0, ONES,
                               cond_fn=make_classifier_cond_fn(RegionClassifier(region), 10.0), **kwargs)
     inside = region[0, 0].bool().numpy()
     assert np.all(guided[:, ~inside] == 0) and np.all(guided[:, inside] > 0)
@@ -263,12 +264,12 @@ def test_anomaly_baseline_reconstructs_healthy_images_and_flags_the_label_region
     model = PlantedEps(region, c=0.0)  # eps independent of x and t: DDIM inversion is exact
     x0, _ = images()
     diffusion = make_diffusion()
-    healthy = seg.anomaly_saliency(model, diffusion, x0, torch.zeros(3, dtype=torch.long), noise_level=20, stride=5,
+    healthy = saliency.anomaly_saliency(model, diffusion, x0, torch.zeros(3, dtype=torch.long), noise_level=20, stride=5,
                                    clip_denoised=False)
     assert np.abs(healthy).max() < 1e-4
     model.calls.clear()
-    maps = seg.anomaly_saliency(model, diffusion, x0, ONES, noise_level=20, stride=5, clip_denoised=False)
-    assert len(model.calls) == 8 == seg.estimate_model_calls("anomaly", T, 20, stride=5)  # 4 encode + 4 decode
+    maps = saliency.anomaly_saliency(model, diffusion, x0, ONES, noise_level=20, stride=5, clip_denoised=False)
+    assert len(model.calls) == 8 == Anomaly(SaliencySettings(noise_level=20, stride=5), model=model, diffusion=diffusion).model_calls_per_batch()  # 4 encode + 4 decode
     assert [t.unique().item() for _, t in model.calls] == [0, 5, 10, 15, 20, 15, 10, 5]
     inside = region[0, 0].bool().numpy()
     assert np.abs(maps[:, ~inside]).max() < 1e-4 and maps[:, inside].min() > 1e-2
@@ -281,7 +282,7 @@ def test_cgdiff_shares_noise_between_branches_and_runs_to_t0():
     model = PlantedEps(region)
     x0, noise = images()
     generator = torch.Generator().manual_seed(0)
-    maps = seg.cgdiff_saliency(model, make_diffusion(), x0, ONES, noise_level=12, stride=4, noise=noise,
+    maps = saliency.cgdiff_saliency(model, make_diffusion(), x0, ONES, noise_level=12, stride=4, noise=noise,
                                clip_denoised=False, generator=generator)
     assert [t.unique().item() for _, t in model.calls] == [12, 8, 4, 0]
     assert all(batch == 6 for batch, _ in model.calls)
@@ -296,35 +297,35 @@ def test_cgdiff_shares_noise_between_branches_and_runs_to_t0():
 
 
 def test_noise_level_is_a_fraction_of_t_or_an_integer_step():
-    assert seg.noise_step(0.1, 4000) == 400
-    assert seg.noise_step(0.1, 1000) == 100
-    assert seg.noise_step(400, 4000) == 400
+    assert chain.noise_step(0.1, 4000) == 400
+    assert chain.noise_step(0.1, 1000) == 100
+    assert chain.noise_step(400, 4000) == 400
     for bad in (0, -0.2, 1.5, 4000):
-        with pytest.raises(UserError):
-            seg.noise_step(bad, 4000)
-    assert seg.cdm_timesteps(400, 10) == list(range(400, 389, -1))
-    with pytest.raises(UserError, match="--steps"):
-        seg.cdm_timesteps(5, 6)
+        with pytest.raises(ValueError, match="noise_level"):
+            chain.noise_step(bad, 4000)
+    assert chain.cdm_timesteps(400, 10) == list(range(400, 389, -1))
+    with pytest.raises(ValueError, match="steps"):
+        chain.cdm_timesteps(5, 6)
 
 
-def test_bad_settings_are_user_errors():
+def test_bad_settings_are_errors_naming_the_parameter():
     x0, _ = images()
     model = PlantedEps(square_region())
-    with pytest.raises(UserError, match="--tau"):
-        seg.cdm_saliency(model, make_diffusion(), x0, ONES, tau=1.0)
-    with pytest.raises(UserError, match="--healthy_label"):
-        seg.cdm_saliency(model, make_diffusion(), x0, ONES, healthy_label=2)
+    with pytest.raises(ValueError, match="tau"):
+        saliency.cdm_saliency(model, make_diffusion(), x0, ONES, tau=1.0)
+    with pytest.raises(ValueError, match="healthy_label"):
+        saliency.cdm_saliency(model, make_diffusion(), x0, ONES, healthy_label=2)
     unconditional = ZeroEps()
     unconditional.num_classes = None
-    with pytest.raises(UserError, match="class-conditional"):
-        seg.cdm_saliency(unconditional, make_diffusion(), x0, ONES)
+    with pytest.raises(ValueError, match="class-conditional"):
+        saliency.cdm_saliency(unconditional, make_diffusion(), x0, ONES)
     with pytest.raises(ValueError, match="unspaced"):
-        seg.cdm_saliency(model, make_diffusion(timestep_respacing="50"), x0, ONES)
+        saliency.cdm_saliency(model, make_diffusion(timestep_respacing="50"), x0, ONES)
 
 
 def test_per_image_noise_does_not_depend_on_the_batch():
-    together = seg.per_image_noise((1, 4, 4), 7, [0, 1, 2])
-    alone = seg.per_image_noise((1, 4, 4), 7, [2])
+    together = chain.per_image_noise((1, 4, 4), 7, [0, 1, 2])
+    alone = chain.per_image_noise((1, 4, 4), 7, [2])
     torch.testing.assert_close(together[2], alone[0], rtol=0, atol=0)
     assert not torch.equal(together[0], together[1])
-    assert not torch.equal(seg.per_image_noise((1, 4, 4), 8, [2])[0], alone[0])
+    assert not torch.equal(chain.per_image_noise((1, 4, 4), 8, [2])[0], alone[0])

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from guided_diffusion.fp16_util import MixedPrecisionTrainer
+from guided_diffusion.segment.cam import cam_target_layer
 from guided_diffusion.nn import checkpoint, mean_flat, timestep_embedding, update_ema, zero_module
 from guided_diffusion.unet import (
     AttentionBlock,
@@ -327,7 +328,7 @@ def tiny_encoder(pool, **kwargs):
 def test_encoder_output_shape_and_cam_target(pool):
     model = randomize_zero_params(tiny_encoder(pool))
     captured = []
-    model.cam_target_layer.register_forward_hook(lambda module, inputs, output: captured.append(output))
+    cam_target_layer(model).register_forward_hook(lambda module, inputs, output: captured.append(output))
     logits = model(torch.randn(2, 1, 32, 32), torch.tensor([1, 999]))
     assert logits.shape == (2, 3)
     assert captured and captured[-1].ndim == 4 and captured[-1].shape[0] == 2

@@ -1,7 +1,7 @@
 """CAM-family saliency baselines on the trained classifier, at t = 0.
 
 Grad-CAM, Grad-CAM++, LayerCAM and Score-CAM come from the `grad-cam` library
-(`pytorch_grad_cam`), applied to `classifier.cam_target_layer` with the
+(`pytorch_grad_cam`), applied to the last spatial feature map (`cam_target_layer`) with the
 classifier called as `classifier(x)` (timesteps None means t = 0). Plain CAM
 (Zhou et al. 2016) is computed here from the head's weights, because the
 library has no such method: for a head that is global average pooling
@@ -22,7 +22,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .cli import UserError
 
 CAM_METHODS = ("cam", "gradcam", "gradcam++", "layercam", "scorecam")
 
@@ -31,6 +30,22 @@ def _library_class(method):
     from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM
 
     return {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "layercam": LayerCAM, "scorecam": ScoreCAM}[method]
+
+
+def cam_target_layer(classifier):
+    """The module whose output is the classifier's last spatial feature map (the usual CAM target).
+
+    ResNets: layer 4. The encoder UNet: the normalisation + activation entering its pooling head
+    (`out[1]`) for the pooled heads, else its middle block.
+    """
+    if hasattr(classifier, "layer4"):
+        return classifier.layer4
+    pool = getattr(classifier, "pool", None)
+    if pool in ("adaptive", "attention"):
+        return classifier.out[1]
+    if hasattr(classifier, "middle_block"):
+        return classifier.middle_block
+    raise ValueError(f"{type(classifier).__name__}: no known feature map for CAM (expected a ResNet or the encoder UNet)")
 
 
 def gap_linear_head(classifier):
@@ -93,7 +108,7 @@ def cam_saliency(classifier, x0, target_class, method="gradcam"):
     `target_class` is an int or a (B,) tensor of class indices.
     """
     if method not in CAM_METHODS:
-        raise UserError(f"--method {method!r}: CAM methods are {', '.join(CAM_METHODS)}")
+        raise ValueError(f"method {method!r}: CAM methods are {', '.join(CAM_METHODS)}")
     classifier.eval()
     size = tuple(x0.shape[-2:])
     target = _targets_tensor(target_class, x0.shape[0], x0.device)
@@ -104,7 +119,7 @@ def cam_saliency(classifier, x0, target_class, method="gradcam"):
         method = "gradcam"  # the gradient form of CAM for heads that are not GAP + linear (see module doc)
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    layer = classifier.cam_target_layer
+    layer = cam_target_layer(classifier)
     # Score-CAM draws a progress bar per image; the caller's bar is enough.
     quiet = contextlib.redirect_stderr(io.StringIO()) if method == "scorecam" else contextlib.nullcontext()
     with torch.enable_grad(), quiet, _library_class(method)(model=classifier, target_layers=[layer]) as cam:
