@@ -329,3 +329,19 @@ def test_per_image_noise_does_not_depend_on_the_batch():
     torch.testing.assert_close(together[2], alone[0], rtol=0, atol=0)
     assert not torch.equal(together[0], together[1])
     assert not torch.equal(chain.per_image_noise((1, 4, 4), 8, [2])[0], alone[0])
+
+
+def test_maps_by_steps_are_the_partial_sums_of_separate_runs():
+    x0, _ = images()
+    model, diffusion = PlantedEps(square_region()), make_diffusion()
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+    by_steps = saliency.cdm_saliency_by_steps(model, diffusion, x0, ONES, taus=(0.5, 0.0), steps=6,
+                                              record_steps=(2, 6), noise=noise, noise_level=20)
+    assert set(by_steps) == {(2, 0.5), (2, 0.0), (6, 0.5), (6, 0.0)}
+    for r in (2, 6):
+        for tau in (0.5, 0.0):
+            alone = saliency.cdm_saliency(model, diffusion, x0, ONES, tau=tau, steps=r, noise=noise, noise_level=20)
+            np.testing.assert_allclose(by_steps[(r, tau)], alone, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(by_steps[(2, 0.0)], by_steps[(6, 0.0)])
+    with pytest.raises(ValueError, match="record_steps"):
+        saliency.cdm_saliency_by_steps(model, diffusion, x0, ONES, steps=3, record_steps=(4,), noise_level=20)

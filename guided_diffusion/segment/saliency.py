@@ -77,18 +77,36 @@ def cdm_branch_steps(model, diffusion, x0, y1, *, noise_level=0.1, steps=10, tau
         yield parts[0], list(parts[1:])
 
 
+def cdm_saliency_by_steps(model, diffusion, x0, y1, *, taus=(0.95,), record_steps=None, absolute=False, **kwargs):
+    """CDM maps after several step counts and for several taus from one run: {(r, tau): (B, H, W)}.
+
+    The map after r steps is the partial sum of the first r terms, so one run of R = max(record_steps)
+    steps gives the maps of every R' <= R (the ablation over R costs one run). `record_steps`
+    defaults to the final step only. Keyword arguments as `cdm_branch_steps`.
+    """
+    taus = [float(t) for t in taus]
+    steps = kwargs.get("steps", 10)
+    record = set(record_steps or [steps])
+    if min(record) < 1 or max(record) > steps:
+        raise ValueError(f"record_steps {sorted(record)}: must lie in 1..steps ({steps})")
+    sums, maps = None, {}
+    for r, (x_a, x_bs) in enumerate(cdm_branch_steps(model, diffusion, x0, y1, taus=taus, **kwargs), start=1):
+        diffs = [(x_a - x_b) / (1.0 - tau) for tau, x_b in zip(taus, x_bs)]
+        sums = diffs if sums is None else [s + d for s, d in zip(sums, diffs)]
+        if r in record:
+            maps.update({(r, tau): _channel_sum(s, absolute) for tau, s in zip(taus, sums)})
+    return maps
+
+
 def cdm_saliency_multi(model, diffusion, x0, y1, *, taus=(0.95,), absolute=False, **kwargs):
     """CDM maps for several taus from one run: {tau: float32 array (B, H, W)}.
 
     a_tau = sum over steps of (x_A - x_B(tau)) / (1 - tau), summed over channels
     (of |a_tau| when `absolute`). Keyword arguments as `cdm_branch_steps`.
     """
-    taus = [float(t) for t in taus]
-    sums = None
-    for x_a, x_bs in cdm_branch_steps(model, diffusion, x0, y1, taus=taus, **kwargs):
-        diffs = [(x_a - x_b) / (1.0 - tau) for tau, x_b in zip(taus, x_bs)]
-        sums = diffs if sums is None else [s + d for s, d in zip(sums, diffs)]
-    return {tau: _channel_sum(s, absolute) for tau, s in zip(taus, sums)}
+    steps = kwargs.get("steps", 10)
+    maps = cdm_saliency_by_steps(model, diffusion, x0, y1, taus=taus, absolute=absolute, **kwargs)
+    return {float(tau): maps[(steps, float(tau))] for tau in taus}
 
 
 def cdm_saliency(model, diffusion, x0, y1, *, noise_level=0.1, steps=10, tau=0.95, stride=1, healthy_label=0,

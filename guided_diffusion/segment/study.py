@@ -1,0 +1,204 @@
+"""The paper's ablation (Fig. 3) on the training split, and settings chosen there.
+
+Every point is measured on the same fixed subset of training tumour slices with the same noise
+draw (image i's noise depends only on (seed, i)). One CG-CDM run of R_max steps gives the maps of
+every R <= R_max (partial sums), and every tau shares branch A, so the whole study is a handful of
+runs. CDM is the same runs at classifier scale 0.
+
+Two choices are made from the grid, never from validation masks:
+- `mask_tuned`: the point with the best mean Dice against the training masks, then the
+  post-processing (smoothing, foreground-only threshold, largest component) best on those maps;
+- `label_free`: the point whose maps are the most clearly two-class (`otsu_separability`, which
+  needs no mask at all), with the paper's post-processing.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+
+from ..checkpoint_util import load_classifier, load_model_and_diffusion
+from ..cli import atomic_path, atomic_write_text
+from ..script_util import diffusion_from_config
+from .methods import CGCDM, SaliencySettings
+from .pipeline import compute_maps
+from .postprocess import MaskOptions
+from .report import variant_summary
+from .saliency import cdm_saliency_by_steps
+
+# Fig. 3 of the paper (BraTS), read off its plots: what our curves are compared with.
+PAPER_ABLATION = {
+    "steps": "Dice rises with R up to about 50 steps (Q = 400 best of 200, 400, 700; 700 much worse)",
+    "tau": "tau = 0.95 best (about 0.60); tau = 0 about 0.33; tau = 0.99 about 0.52",
+    "classifier_scale": "s of about 100 best; s = 1000 about 0.47",
+}
+PAPER_BEST = {"noise_level": 0.1, "steps": 50, "tau": 0.95, "classifier_scale": 100.0}
+
+POSTPROCESSING = [MaskOptions(), MaskOptions(smooth_sigma=1.0), MaskOptions(foreground_only=True),
+                  MaskOptions(smooth_sigma=1.0, foreground_only=True)]
+
+
+@dataclass
+class StudyGrid:
+    """The points of the ablation: noise levels (fractions of T), recorded step counts, taus and scales."""
+
+    noise_levels: tuple = (0.05, 0.1, 0.175)  # Q = 200, 400, 700 of T = 4000
+    record_steps: tuple = (1, 2, 5, 10, 20, 30, 50)
+    taus: tuple = (0.0, 0.5, 0.8, 0.9, 0.95, 0.99)
+    step_sweep_taus: tuple = (0.0, 0.95)
+    scales: tuple = (0.0, 1.0, 10.0, 100.0, 1000.0)
+    paper_scale: float = 10.0  # s of the Q / R and tau sweeps
+    paper_steps: int = 10  # R of the tau and s sweeps
+
+
+class StepSweep(CGCDM):
+    """CG-CDM (CDM at scale 0) recording the maps after several step counts: variants R<r>_tau_<tau>."""
+
+    def __init__(self, settings, record_steps, **resources):
+        super().__init__(settings, **resources)
+        self.record_steps = tuple(sorted(set(record_steps)))
+
+    def variants(self):
+        return [point_name(r, tau) for r in self.record_steps for tau in self.settings.taus]
+
+    def maps(self, x0, y1, noise):
+        s = self.settings
+        by_steps = cdm_saliency_by_steps(self.model, self.diffusion, x0, y1, taus=s.taus, record_steps=self.record_steps,
+                                         absolute=s.abs_map, steps=max(self.record_steps), noise=noise,
+                                         **self._diffusion_settings())
+        return {point_name(r, tau): m for (r, tau), m in by_steps.items()}
+
+
+def point_name(steps, tau):
+    return f"R{steps}_tau_{float(tau):g}"
+
+
+def load_models(ddpm_path, classifier_path, device):
+    """(model, unspaced diffusion, classifier) from checkpoints with their args.json."""
+    model, _, config = load_model_and_diffusion(ddpm_path, device=device)
+    classifier, _ = load_classifier(classifier_path, device=device)
+    return model, diffusion_from_config({**config, "timestep_respacing": ""}), classifier
+
+
+def measure(models, slices, *, noise_level, record_steps, taus, scale, batch_size, seed, sweep, progress=True):
+    """Rows (one per recorded step count and tau) of one run, with training-split scores."""
+    model, diffusion, classifier = models
+    settings = SaliencySettings(noise_level=noise_level, steps=max(record_steps), taus=tuple(taus),
+                                classifier_scale=scale, seed=seed)
+    method = StepSweep(settings, record_steps, model=model, diffusion=diffusion, classifier=classifier)
+    maps, seconds = compute_maps(method, slices.images, slices.labels, batch_size=batch_size, seed=seed,
+                                 progress=progress)
+    rows = []
+    for r in record_steps:
+        for tau in taus:
+            summary = variant_summary(maps[point_name(r, tau)], slices.masks, slices.images)
+            rows.append({"sweep": sweep, "method": "cg-cdm" if scale else "cdm", "noise_level": noise_level,
+                         "steps": r, "tau": float(tau), "classifier_scale": scale,
+                         "dice": summary["otsu"]["dice_mean"], "dice_lcc": summary["largest_component"]["dice_mean"],
+                         "separability": summary["map_separability"], "seconds_per_image": seconds / len(slices)})
+    return rows
+
+
+def run_ablation(models, slices, grid=StudyGrid(), *, batch_size=32, seed=0, log=print):
+    """Every sweep of Fig. 3 for CG-CDM and CDM on `slices`; returns the rows."""
+    rows = []
+    for noise_level in grid.noise_levels:  # Dice vs R, one run per Q and method
+        for scale in (grid.paper_scale, 0.0):
+            log(f"R sweep: Q = {noise_level:g} T, s = {scale:g}")
+            rows += measure(models, slices, noise_level=noise_level, record_steps=grid.record_steps,
+                            taus=grid.step_sweep_taus, scale=scale, batch_size=batch_size, seed=seed, sweep="steps")
+    for scale in (grid.paper_scale, 0.0):  # Dice vs tau
+        log(f"tau sweep: s = {scale:g}")
+        rows += measure(models, slices, noise_level=0.1, record_steps=(grid.paper_steps,), taus=grid.taus, scale=scale,
+                        batch_size=batch_size, seed=seed, sweep="tau")
+    for scale in grid.scales:  # Dice vs s (s = 0 is CDM)
+        log(f"s sweep: s = {scale:g}")
+        rows += measure(models, slices, noise_level=0.1, record_steps=(grid.paper_steps,), taus=grid.step_sweep_taus,
+                        scale=scale, batch_size=batch_size, seed=seed, sweep="classifier_scale")
+    return rows
+
+
+def best_point(rows, key, method=None):
+    """The row with the highest `key` (ties: fewer steps, then the earlier row)."""
+    candidates = [r for r in rows if method is None or r["method"] == method]
+    return max(candidates, key=lambda r: (r[key], -r["steps"]))
+
+
+def choose_postprocessing(models, slices, point, *, batch_size=32, seed=0, options=POSTPROCESSING):
+    """Dice of each post-processing of the chosen point's maps; returns (best MaskOptions, rows)."""
+    model, diffusion, classifier = models
+    settings = SaliencySettings(noise_level=point["noise_level"], steps=point["steps"], taus=(point["tau"],),
+                                classifier_scale=point["classifier_scale"], seed=seed)
+    method = CGCDM(settings, model=model, diffusion=diffusion, classifier=classifier)
+    maps, _ = compute_maps(method, slices.images, slices.labels, batch_size=batch_size, seed=seed, progress=False)
+    (point_maps,) = maps.values()
+    rows, best = [], None
+    for option in options:
+        summary = variant_summary(point_maps, slices.masks, slices.images, option)
+        for keep, key in ((False, "otsu"), (True, "largest_component")):
+            chosen = MaskOptions(smooth_sigma=option.smooth_sigma, foreground_only=option.foreground_only,
+                                 keep_largest=keep)
+            rows.append({**chosen.as_dict(), "dice": summary[key]["dice_mean"]})
+            if best is None or rows[-1]["dice"] > best[1]:
+                best = (chosen, rows[-1]["dice"])
+    return best[0], rows
+
+
+def selection(rows, postprocessing, postprocessing_rows, n_images):
+    """The settings chosen on the training split, as saved in selection.json."""
+    def settings_of(row):
+        return {k: row[k] for k in ("noise_level", "steps", "tau", "classifier_scale")} | {"training_dice": row["dice"]}
+
+    return {
+        "n_training_images": n_images,
+        "mask_tuned": settings_of(best_point(rows, "dice", "cg-cdm")) | {"postprocessing": postprocessing.as_dict()},
+        "mask_tuned_cdm": settings_of(best_point(rows, "dice", "cdm")),
+        "label_free": settings_of(best_point(rows, "separability", "cg-cdm")) | {"postprocessing": MaskOptions().as_dict()},
+        "postprocessing_candidates": postprocessing_rows,
+    }
+
+
+def save_study(out_dir, rows, chosen):
+    """ablation.json (every row), selection.json and ablation.png in `out_dir`."""
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_write_text(os.path.join(out_dir, "ablation.json"), json.dumps(rows, indent=1) + "\n")
+    atomic_write_text(os.path.join(out_dir, "selection.json"), json.dumps(chosen, indent=1, sort_keys=True) + "\n")
+    plot_ablation(rows, os.path.join(out_dir, "ablation.png"))
+
+
+def _paper(text):
+    import textwrap
+
+    return "\n".join(textwrap.wrap("paper: " + text, 62))
+
+
+def plot_ablation(rows, path):
+    """Three panels like Fig. 3: Dice vs R (per Q), vs tau, vs s; CG-CDM solid, CDM dashed; the paper's peak noted."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 3.9), dpi=100)
+    axes = [fig.add_subplot(1, 3, i + 1) for i in range(3)]
+    styles = {"cg-cdm": "-", "cdm": "--"}
+    steps_rows = [r for r in rows if r["sweep"] == "steps"]
+    for (q, tau, method) in sorted({(r["noise_level"], r["tau"], r["method"]) for r in steps_rows}):
+        line = sorted((r["steps"], r["dice"]) for r in steps_rows
+                      if (r["noise_level"], r["tau"], r["method"]) == (q, tau, method))
+        axes[0].plot(*zip(*line), styles[method], marker="o", ms=3, label=f"{method} Q={q:g}T tau={tau:g}")
+    axes[0].set(xlabel="DDIM steps R", ylabel="Dice (training subset)", title="Dice vs R\n" + _paper(PAPER_ABLATION["steps"]))
+    for method in ("cg-cdm", "cdm"):
+        line = sorted((r["tau"], r["dice"]) for r in rows if r["sweep"] == "tau" and r["method"] == method)
+        if line:
+            axes[1].plot(*zip(*line), styles[method], marker="o", ms=3, label=method)
+    axes[1].set(xlabel="tau", title="Dice vs tau (Q = 0.1 T, R = 10)\n" + _paper(PAPER_ABLATION["tau"]))
+    scale_rows = [r for r in rows if r["sweep"] == "classifier_scale"]
+    for tau in sorted({r["tau"] for r in scale_rows}):
+        line = sorted((max(r["classifier_scale"], 0.1), r["dice"]) for r in scale_rows if r["tau"] == tau)
+        axes[2].plot(*zip(*line), "-", marker="o", ms=3, label=f"tau={tau:g} (s=0 plotted at 0.1: CDM)")
+    axes[2].set(xscale="log", xlabel="classifier scale s", title="Dice vs s (Q = 0.1 T, R = 10)\n"
+                + _paper(PAPER_ABLATION["classifier_scale"]))
+    for ax in axes:
+        ax.title.set_fontsize(8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")

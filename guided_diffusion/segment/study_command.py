@@ -1,0 +1,108 @@
+"""The command lines of `scripts/ablation.py` and `scripts/demo_results.py`.
+
+ablation.py: the paper's Fig. 3 on a fixed subset of training tumour slices (every point on the
+same noise draw) and the settings chosen there, with masks (`mask_tuned`) and without
+(`label_free`): writes ablation.json, ablation.png and selection.json.
+
+demo_results.py: every method on the validation split with those settings, beside the paper's
+Table 1: writes results.md and one image_p_seg output folder per row.
+"""
+
+import argparse
+import json
+import os
+
+from .. import dist_util
+from ..cli import UserError, atomic_write_text, require_dir
+from .pipeline import select_slices
+from .results import DEFAULT_ROWS, format_table, row_specs, run_rows
+from .study import StudyGrid, best_point, choose_postprocessing, load_models, run_ablation, save_study, selection
+
+
+def _models_paths(models_dir):
+    paths = {name: os.path.join(models_dir, name, "model.pt") for name in ("ddpm", "classifier", "resnet18")}
+    for path in paths.values():
+        if not os.path.isfile(path):
+            raise UserError(f"--models {models_dir}: {path} is missing (scripts/train_demo.py makes it)")
+    return paths
+
+
+def _numbers(text):
+    values = tuple(float(v) for v in text.split(",") if v.strip())
+    if not values:
+        raise ValueError("empty list")
+    return values
+
+
+def ablation_main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], allow_abbrev=False)
+    parser.add_argument("--models", default="runs/demo", help="folder with ddpm/ and classifier/ model.pt (default: %(default)s)")
+    parser.add_argument("--src_dir", default="data/demo/slices", help="slice dataset (default: %(default)s)")
+    parser.add_argument("--split", default="training", help="split the settings are chosen on (default: %(default)s)")
+    parser.add_argument("--max_images", type=int, default=32,
+                        help="tumour slices of the split, evenly spaced, every point measured on (default: %(default)s)")
+    parser.add_argument("--batch_size", type=int, default=32, help="images per batch (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the one noise draw (default: %(default)s)")
+    parser.add_argument("--out_dir", default="runs/demo_study", help="where the study goes (default: %(default)s)")
+    grid = StudyGrid()
+    for name, help_text in (("noise_levels", "noise levels Q of the R sweep, fractions of T"),
+                            ("record_steps", "step counts R recorded in the R sweep (one run of the largest)"),
+                            ("taus", "taus of the tau sweep"), ("scales", "classifier scales s of the s sweep")):
+        parser.add_argument(f"--{name}", default=",".join(f"{v:g}" for v in getattr(grid, name)),
+                            help=f"{help_text} (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        grid = StudyGrid(noise_levels=_numbers(args.noise_levels), record_steps=tuple(int(v) for v in _numbers(args.record_steps)),
+                         taus=_numbers(args.taus), scales=_numbers(args.scales))
+    except ValueError as err:
+        raise UserError(f"--noise_levels, --record_steps, --taus and --scales take comma lists of numbers ({err})")
+    if args.max_images < 1 or args.batch_size < 1:
+        raise UserError("--max_images and --batch_size must be at least 1")
+    require_dir(args.src_dir, "--src_dir")
+    paths = _models_paths(args.models)
+    models = load_models(paths["ddpm"], paths["classifier"], dist_util.dev())
+    try:
+        slices = select_slices(args.src_dir, args.split, image_size=models[0].image_size,
+                               in_channels=models[0].in_channels, max_images=args.max_images)
+    except ValueError as err:
+        raise UserError(f"--src_dir {err}")
+    rows = run_ablation(models, slices, grid, batch_size=args.batch_size, seed=args.seed)
+    options, option_rows = choose_postprocessing(models, slices, best_point(rows, "dice", "cg-cdm"),
+                                                 batch_size=args.batch_size, seed=args.seed)
+    chosen = selection(rows, options, option_rows, len(slices))
+    save_study(args.out_dir, rows, chosen)
+    print(json.dumps({k: v for k, v in chosen.items() if k != "postprocessing_candidates"}, indent=1))
+    print(f"wrote {args.out_dir}/ablation.json, ablation.png and selection.json")
+
+
+def results_main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[2], allow_abbrev=False)
+    parser.add_argument("--models", default="runs/demo", help="folder with ddpm/, classifier/, resnet18/ (default: %(default)s)")
+    parser.add_argument("--selection", default="runs/demo_study/selection.json",
+                        help="settings chosen on the training split by ablation.py (default: %(default)s)")
+    parser.add_argument("--src_dir", default="data/demo/slices", help="slice dataset (default: %(default)s)")
+    parser.add_argument("--out_dir", default="runs/demo_results", help="where every run and results.md go (default: %(default)s)")
+    parser.add_argument("--rows", default=",".join(DEFAULT_ROWS),
+                        help="rows of the table, in order; scorecam is available too (one ResNet pass per feature "
+                             "channel, 512 per image) (default: %(default)s)")
+    parser.add_argument("--max_images", type=int, default=0, help="validation tumour slices per row (0: all)")
+    parser.add_argument("--batch_size", type=int, default=32, help="images per batch (default: %(default)s)")
+    parser.add_argument("--fast_stride", type=int, default=40,
+                        help="chain steps per step of CG-Diff and the reconstruction baseline (40: 10 steps from "
+                             "Q = 400) (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if not os.path.isfile(args.selection):
+        raise UserError(f"--selection {args.selection}: no such file (scripts/ablation.py writes it)")
+    with open(args.selection) as f:
+        chosen = json.load(f)
+    paths = _models_paths(args.models)
+    specs = row_specs(chosen, paths["ddpm"], paths["classifier"], paths["resnet18"], args.fast_stride)
+    keys = [k.strip() for k in args.rows.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in specs]
+    if unknown:
+        raise UserError(f"--rows: unknown row {unknown[0]!r} (choose from {', '.join(specs)})")
+    summaries = run_rows(keys, specs, chosen, src_dir=args.src_dir, out_dir=args.out_dir, batch_size=args.batch_size,
+                         max_images=args.max_images)
+    table = format_table(keys, specs, summaries, args.src_dir)
+    atomic_write_text(os.path.join(args.out_dir, "results.md"), table)
+    print(table)

@@ -1,0 +1,80 @@
+"""scripts/ablation.py and scripts/demo_results.py end to end on tiny checkpoints (guided_diffusion.segment.study)."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from guided_diffusion.cli import UserError
+from guided_diffusion.segment import command, study_command
+from guided_diffusion.segment.study import best_point
+from guided_diffusion.volumes import SliceOptions, export_slice_dataset
+from test_image_p_seg import write_classifier, write_model, write_subject
+
+
+@pytest.fixture(scope="module")
+def demo_like(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    cases = [write_subject(str(root / "raw"), f"S{i}", i) for i in range(3)]
+    slices = str(root / "slices")
+    export_slice_dataset(cases, slices, SliceOptions(image_size=32, min_lesion_pixels=4), input_dir=str(root / "raw"),
+                         val_fraction=0.34, seed=0)
+    models = root / "models"
+    for name, writer in (("ddpm", write_model), ("classifier", write_classifier), ("resnet18", write_classifier)):
+        source = writer(str(root / f"train_{name}"))
+        os.makedirs(models / name)
+        shutil.copyfile(source, models / name / "model.pt")
+        shutil.copyfile(os.path.join(os.path.dirname(source), "args.json"), models / name / "args.json")
+    return dict(root=root, slices=slices, models=str(models))
+
+
+GRID = ["--noise_levels", "0.1,0.2", "--record_steps", "1,3", "--taus", "0,0.95", "--scales", "0,10"]
+
+
+def test_ablation_points_match_direct_runs_and_choices_follow_the_rows(demo_like, tmp_path):
+    out = tmp_path / "study"
+    study_command.ablation_main(["--models", demo_like["models"], "--src_dir", demo_like["slices"], "--max_images", "3",
+                                 "--batch_size", "2", "--out_dir", str(out), *GRID])
+    rows = json.loads((out / "ablation.json").read_text())
+    # R sweep: 2 Q x 2 methods x 2 R x 2 tau; tau sweep: 2 methods x 2 tau; s sweep: 2 s x 2 tau
+    assert len(rows) == 16 + 4 + 4
+    assert {r["method"] for r in rows} == {"cg-cdm", "cdm"}
+    chosen = json.loads((out / "selection.json").read_text())
+    best = best_point(rows, "dice", "cg-cdm")
+    assert chosen["mask_tuned"]["training_dice"] == best["dice"] and chosen["n_training_images"] == 3
+    assert chosen["label_free"]["training_dice"] == best_point(rows, "separability", "cg-cdm")["dice"]
+    assert (out / "ablation.png").stat().st_size > 10000
+    # one point of the R sweep (partial sums of a 3-step run) equals a direct 1-step image_p_seg run
+    point = next(r for r in rows if r["sweep"] == "steps" and r["steps"] == 1 and r["tau"] == 0.0
+                 and r["classifier_scale"] == 10.0 and r["noise_level"] == 0.2)
+    direct = tmp_path / "direct"
+    command.main(["--method", "cg-cdm", "--model_path", os.path.join(demo_like["models"], "ddpm", "model.pt"),
+                  "--classifier_path", os.path.join(demo_like["models"], "classifier", "model.pt"),
+                  "--src_dir", demo_like["slices"], "--split", "training", "--max_images", "3", "--noise_level", "0.2",
+                  "--steps", "1", "--tau", "0", "--batch_size", "3", "--out_dir", str(direct)])
+    summary = json.loads((direct / "summary.json").read_text())
+    assert summary["variants"]["tau_0"]["otsu"]["dice_mean"] == pytest.approx(point["dice"], abs=1e-6)
+
+
+def test_results_table_runs_every_row_on_the_validation_split(demo_like, tmp_path):
+    study = tmp_path / "study"
+    study_command.ablation_main(["--models", demo_like["models"], "--src_dir", demo_like["slices"], "--max_images", "2",
+                                 "--batch_size", "2", "--out_dir", str(study), *GRID])
+    out = tmp_path / "results"
+    study_command.results_main(["--models", demo_like["models"], "--selection", str(study / "selection.json"),
+                                "--src_dir", demo_like["slices"], "--out_dir", str(out), "--batch_size", "4",
+                                "--fast_stride", "5", "--rows", "cg-cdm,cg-cdm-paper,cdm,anomaly,gradcam"])
+    table = (out / "results.md").read_text().splitlines()
+    assert len(table) == 4 + 5 and table[0].startswith("4 validation tumour slices")
+    assert "| 0.563 |" in table[4] and "| 0.235 |" in table[8] and table[7].endswith("| - | - |")
+    for key in ("cg-cdm", "cdm", "gradcam"):
+        (variant,) = json.loads((out / key / "summary.json").read_text())["variants"].values()
+        assert f"{variant['otsu']['dice_mean']:.3f}" in "".join(table)
+    with pytest.raises(UserError, match="--rows"):
+        study_command.results_main(["--models", demo_like["models"], "--selection", str(study / "selection.json"),
+                                    "--src_dir", demo_like["slices"], "--rows", "magic"])
+    with pytest.raises(UserError, match="--selection"):
+        study_command.results_main(["--models", demo_like["models"], "--selection", str(tmp_path / "none.json")])
+    assert np.isfinite(json.loads((study / "selection.json").read_text())["mask_tuned"]["training_dice"])
