@@ -1,17 +1,28 @@
-"""Command-line plumbing shared by every script: user errors and atomic file writes.
+"""Command-line plumbing shared by every script: user errors, signals and atomic file writes.
 
 A mistake the user can fix (a missing folder, a flag that disagrees with a
-checkpoint, ...) is raised as `UserError` anywhere in the library; `run_main`
-turns it into one line on stderr and exit status 2, with no traceback.
-Files are written under a temporary name and renamed when complete, so a crash
-never leaves a partial file that looks finished.
+checkpoint, a flag of the wrong type, ...) is raised as `UserError` anywhere in
+the library; `run_main` turns it into one line on stderr and exit status 2, with
+no traceback. Files are written under a temporary name and renamed when
+complete, so a crash never leaves a partial file that looks finished.
+
+Exit statuses of the scripts run through `run_main`:
+
+    0    finished
+    2    a user error (bad flag, missing or unreadable input), reported as `error: ...`
+    130  stopped by SIGINT (Ctrl-C); 143 stopped by SIGTERM (`timeout`, `kill`, SLURM, Kubernetes),
+         i.e. 128 + the signal number, as a shell reports a job killed by that signal. Training
+         saves a complete checkpoint of the step it was on first (see `train_cli`).
 """
 
+import argparse
 import contextlib
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 
 
 class UserError(ValueError):
@@ -21,13 +32,94 @@ class UserError(ValueError):
     """
 
 
-def run_main(main, *args, **kwargs):
-    """Run a script's `main`, reporting `UserError` as `error: ...` and exit status 2."""
+class Stopped(Exception):
+    """A run that stopped early on a signal after saving its work: one line, exit status 128 + signum."""
+
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.signum = int(signum)
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised by `run_main`'s SIGTERM handler, so a SIGTERM unwinds (and cleans up) like Ctrl-C."""
+
+    signum = signal.SIGTERM
+
+
+def signal_name(signum):
+    """'SIGTERM' for 15, and so on."""
+    if signum is None:
+        return "request"
     try:
-        return main(*args, **kwargs)
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def argparse_error_line(parser, message):
+    """The one line a flag error prints: the message and a pointer to --help (no usage dump)."""
+    return f"error: {message} (see {parser.prog} --help)"
+
+
+def _parser_error(self, message):
+    sys.stderr.write(argparse_error_line(self, message) + "\n")
+    sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, except that a bad flag prints one `error: ...` line and a pointer to --help."""
+
+    error = _parser_error
+
+
+@contextlib.contextmanager
+def _one_line_argparse_errors():
+    """Make every argparse parser created while the block runs report errors in one line."""
+    original = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = _parser_error
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.error = original
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """Turn SIGTERM into a `Terminated` exception while the block runs (main thread, default handler only)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one exception; cleanup is not interrupted again
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def run_main(main, *args, **kwargs):
+    """Run a script's `main` with one-line reports and the exit statuses of the module docstring.
+
+    `UserError` prints `error: ...` and exits 2; `Stopped` (work saved) prints its message and exits
+    128 + its signal; Ctrl-C or SIGTERM anywhere else prints one line and exits 130 or 143.
+    """
+    try:
+        with _one_line_argparse_errors(), _sigterm_raises():
+            return main(*args, **kwargs)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as stop:
+        print(str(stop), file=sys.stderr)
+        sys.exit(128 + stop.signum)
+    except KeyboardInterrupt as err:
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(f"stopped by {signal_name(signum)} before finishing", file=sys.stderr)
+        sys.exit(128 + signum)
 
 
 @contextlib.contextmanager
@@ -111,3 +203,44 @@ def require_file(path, flag):
     if not os.path.isfile(path):
         raise UserError(f"{flag} {path}: no such file")
     return path
+
+
+@contextlib.contextmanager
+def removed_on_failure(directory, keep=None, flag=None):
+    """Create `directory`; if the block fails, remove what was created in it, and it if it is new.
+
+    Entries that were there before are never touched. `keep()`, if given, is asked at failure
+    time whether the block already produced work worth keeping (e.g. a training checkpoint);
+    then nothing is removed. `flag` names the option the folder came from in errors. Yields the directory.
+    """
+    given = os.fspath(directory)
+    directory = os.path.abspath(os.fspath(directory))
+    existed = os.path.isdir(directory)
+    before = set(os.listdir(directory)) if existed else set()
+    new_folders = []  # the folders makedirs is about to create, deepest first
+    folder = directory
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        new_folders.append(folder)
+        folder = os.path.dirname(folder)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as err:
+        where = f"{flag} {given}" if flag else given
+        raise UserError(f"{where}: cannot be created ({err.strerror or err})") from None
+    try:
+        yield directory
+    except BaseException:
+        if keep is None or not keep():
+            for name in set(os.listdir(directory)) - before if os.path.isdir(directory) else ():
+                path = os.path.join(directory, name)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.remove(path)
+            for folder in new_folders:
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    break
+        raise
