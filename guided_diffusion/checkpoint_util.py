@@ -10,7 +10,6 @@ shapes or the diffusion, and a disagreement is a one-line error naming the flag.
 import glob
 import json
 import os
-import pickle
 import re
 import sys
 
@@ -46,9 +45,16 @@ def read_args_json(checkpoint_path, what="--model_path"):
         raise UserError(f"{what} {checkpoint_path}: no {ARGS_FILE} beside it, so its configuration is unknown")
     try:
         with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: unreadable configuration ({err})")
+            config = json.load(f)
+    except OSError as err:
+        raise UserError(f"{path}: unreadable configuration ({err.strerror or err})") from None
+    except ValueError as err:  # JSONDecodeError, or bytes that are not text
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path}: unreadable configuration (not JSON: {first_line})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: unreadable configuration (expected a JSON object of flags, "
+                        f"found {type(config).__name__})")
+    return config
 
 
 def explicit_flags(parser, argv=None):
@@ -97,17 +103,39 @@ def check_same_diffusion(classifier_config, ddpm_config, classifier_source, ddpm
             )
 
 
-def load_weights(module, path, flag):
-    """Load a state dict into `module`, turning a shape or key mismatch into a UserError."""
+def read_checkpoint(path, flag, weights_only=True):
+    """`torch.load` of `path` on the CPU; any failure to read it is a UserError naming `flag` and the path.
+
+    A text file, an empty or truncated file, a folder or a file torch cannot unpickle all give one
+    line (torch itself raises KeyError, IndexError, EOFError, RuntimeError or UnpicklingError,
+    depending on the first bytes).
+    """
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path}: is a folder, not a checkpoint file")
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path}: no such checkpoint file")
     try:
-        state = dist_util.load_state_dict(path, map_location="cpu")
-    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{flag} {path}: not a readable PyTorch checkpoint ({first_line})")
+        return dist_util.load_state_dict(path, map_location="cpu", weights_only=weights_only)
+    except OSError as err:
+        raise UserError(f"{flag} {path}: cannot be read ({err.strerror or err})") from None
+    except Exception:
+        raise UserError(f"{flag} {path}: not a readable PyTorch checkpoint "
+                        f"(empty, truncated, or not a file written by torch.save)") from None
+
+
+def load_weights(module, path, flag):
+    """Load a state dict into `module`, turning an unreadable file or a shape or key mismatch into a UserError."""
+    if re.fullmatch(r"opt\d+\.pt", os.path.basename(path)) and os.path.isfile(path):
+        raise UserError(f"{flag} {path}: an optimizer file; give the model{parse_step(path):06d}.pt "
+                        f"(or ema_*.pt) of that step")
+    state = read_checkpoint(path, flag)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
         raise UserError(f"{flag} {path}: expected a state dict of tensors, found {type(state).__name__}")
+    bad = [name for name, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f"{flag} {path}: parameter {bad[0]} holds NaN or infinite values")
     own = module.state_dict()
     for name, tensor in state.items():
         if name in own and own[name].shape != tensor.shape:
