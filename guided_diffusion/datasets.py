@@ -82,6 +82,8 @@ def _read_array(path, palette_indices=False):
         array = array.astype(np.float32)
     elif np.issubdtype(array.dtype, np.floating):
         array = array.astype(np.float32)
+        if not np.isfinite(array).all():  # NaN passes any range check
+            raise UserError(f"{path}: holds NaN or infinite pixel values")
         if array.size and (array.min() < -1e-3 or array.max() > 1 + 1e-3):
             raise UserError(f"{path}: float pixel values must lie in [0, 1], "
                             f"found {array.min():.3g}..{array.max():.3g}")
@@ -263,6 +265,8 @@ class VolumeSliceDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         name, z, label = self.items[index]
         pair = np.asarray(self.volumes[name][z], dtype=np.float32)
+        if not np.isfinite(pair).all():
+            raise UserError(f"{self.paths[name]}: slice {z} holds NaN or infinite values")
         image = torch.from_numpy(np.clip(pair[0], 0.0, 1.0))[None]
         mask = torch.from_numpy(np.isin(pair[1].astype(np.int64), self.class_indices).astype(np.float32))[None]
         if self.image_size:
