@@ -152,6 +152,57 @@ def attention_downsample_factors(image_size, resolutions, levels, flag="--attent
     return tuple(factors)
 
 
+# GroupNorm in the UNet and the encoder splits every feature map into this many groups.
+NORM_GROUPS = 32
+
+
+def _at_least(value, low, flag):
+    if value < low:
+        raise UserError(f"{flag} {value}: must be at least {low}")
+
+
+def check_widths(width, mult, flag, mult_flag):
+    """Every level's width int(m * width) must be a positive multiple of the group norm's 32 groups."""
+    _at_least(width, 1, flag)
+    if any(m <= 0 for m in mult):
+        raise UserError(f"{mult_flag} {','.join(str(m) for m in mult)}: multipliers must be positive")
+    widths = [int(m * width) for m in mult]
+    if any(w < NORM_GROUPS or w % NORM_GROUPS for w in widths):
+        raise UserError(
+            f"{flag} {width}: the level widths ({flag} x {mult_flag} = {','.join(str(w) for w in widths)}) "
+            f"must be multiples of {NORM_GROUPS} (the group norm's groups); use e.g. {flag} "
+            f"{max(NORM_GROUPS, -(-width // NORM_GROUPS) * NORM_GROUPS)}"
+        )
+    return widths
+
+
+def check_heads(widths, num_heads, num_head_channels, heads_flag, channels_flag):
+    """Attention layers of `widths` channels split into heads: of num_head_channels each, or num_heads of them."""
+    if num_head_channels != -1:
+        if num_head_channels < 1:
+            alternative = f", or -1 to use {heads_flag}" if heads_flag else ""
+            raise UserError(f"{channels_flag} {num_head_channels}: must be positive{alternative}")
+        for w in widths:
+            if w % num_head_channels:
+                raise UserError(
+                    f"{channels_flag} {num_head_channels} does not divide the {w} channels of an attention layer "
+                    f"(attention widths: {','.join(str(x) for x in sorted(set(widths)))}); choose a divisor such as "
+                    f"{NORM_GROUPS}"
+                )
+        return
+    if heads_flag is None:
+        return
+    _at_least(num_heads, 1, heads_flag)
+    for w in widths:
+        if w % num_heads:
+            raise UserError(f"{heads_flag} {num_heads} does not divide the {w} channels of an attention layer")
+
+
+def _attention_widths(widths, attention_ds):
+    """Widths of the attention layers: the levels with attention, and the middle block."""
+    return [w for level, w in enumerate(widths) if 2**level in attention_ds] + [widths[-1]]
+
+
 # ---------------------------------------------------------------------------------------------
 # Factories
 
@@ -192,10 +243,24 @@ def create_model(
     use_new_attention_order=False,
 ):
     """The denoising UNet; its output has twice the input channels when sigma is learned."""
+    _at_least(image_size, 1, "--image_size")
+    _at_least(in_channels, 1, "--in_channels")
     mult = parse_channel_mult(image_size, channel_mult)
     attention_ds = attention_downsample_factors(image_size, attention_resolutions, len(mult))
+    widths = check_widths(num_channels, mult, "--num_channels", "--channel_mult")
+    _at_least(num_res_blocks, 0, "--num_res_blocks")
+    attention_widths = _attention_widths(widths, attention_ds)
+    check_heads(attention_widths, num_heads, num_head_channels, "--num_heads", "--num_head_channels")
+    if num_heads_upsample != -1:
+        if num_heads_upsample < 1:
+            raise UserError(f"--num_heads_upsample {num_heads_upsample}: must be positive, or -1 (as --num_heads)")
+        if num_head_channels == -1:  # the decoder's attention layers (the levels with attention)
+            check_heads(attention_widths[:-1], num_heads_upsample, -1, "--num_heads_upsample", None)
+    if not 0 <= dropout < 1:
+        raise UserError(f"--dropout {dropout}: must be in [0, 1)")
     if class_cond and num_classes < 2:
         raise UserError(f"--num_classes {num_classes}: a class-conditional model needs at least 2 classes")
+    _at_least(num_classes, 1, "--num_classes")
     return UNetModel(
         image_size=image_size,
         in_channels=in_channels,
@@ -241,6 +306,9 @@ def create_classifier(
     resnet_keep_resolution=False,
 ):
     """A noise-conditioned classifier: the UNet encoder, or a timestep-aware ResNet-18/50/101."""
+    _at_least(image_size, 1, "--image_size")
+    _at_least(in_channels, 1, "--in_channels")
+    _at_least(num_classes, 2, "--num_classes")
     if model_type.startswith("resnet") and model_type in CLASSIFIER_TYPES:
         from .resnet import ResNetClassifier
 
@@ -252,6 +320,18 @@ def create_classifier(
     attention_ds = attention_downsample_factors(
         image_size, classifier_attention_resolutions, len(mult), flag="--classifier_attention_resolutions"
     )
+    widths = check_widths(classifier_width, mult, "--classifier_width", "--classifier_channel_mult")
+    _at_least(classifier_depth, 0, "--classifier_depth")
+    from .unet import POOLS
+
+    if classifier_pool not in POOLS:
+        raise UserError(f"--classifier_pool {classifier_pool!r}: choose one of {', '.join(POOLS)}")
+    if classifier_pool == "attention" and classifier_num_head_channels == -1:
+        raise UserError("--classifier_num_head_channels -1: --classifier_pool attention needs a head width, e.g. 32")
+    pooled = [widths[-1]] if classifier_pool == "attention" else []
+    # The encoder's attention layers use one head unless a head width is given.
+    check_heads(_attention_widths(widths, attention_ds) + pooled, 1, classifier_num_head_channels, None,
+                "--classifier_num_head_channels")
     return EncoderUNetModel(
         image_size=image_size,
         in_channels=in_channels,
@@ -295,6 +375,7 @@ def create_gaussian_diffusion(
     timestep_respacing="",
 ):
     """A SpacedDiffusion (all `steps` when `timestep_respacing` is empty)."""
+    _at_least(steps, 1, "--diffusion_steps")
     betas = gd.get_named_beta_schedule(noise_schedule, steps)
     if use_kl:
         loss_type = gd.LossType.RESCALED_KL
