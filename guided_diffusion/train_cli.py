@@ -6,17 +6,29 @@ slice layout `SRC_DIR/{training,validation}/{normal,tumor,seg}`, write `args.jso
 model and diffusion configuration plus the training flags) next to the checkpoints, and resume
 with the configuration saved there: a typed flag that disagrees with it is a one-line error naming
 the flag.
+
+Every flag, the data and the network are checked before anything is written: a mistake is one line
+`error: ...` naming the flag or path, exit status 2, and a new --save_dir is not even created. A run
+that fails before its first checkpoint removes what it wrote.
+
+Stopping: SIGTERM (`timeout`, `kill`, SLURM's scancel or preemption, Kubernetes) or Ctrl-C (SIGINT),
+sent to the main process or to the whole process group, finishes the current step, writes a complete
+checkpoint of it, prints one line `stopped by SIGTERM at step N: saved ...` and exits with status
+128 + the signal number: 143 for SIGTERM, 130 for Ctrl-C. `--resume_checkpoint auto` then continues
+exactly where it stopped (bit for bit on CPU). A second Ctrl-C aborts at once (status 130, without
+saving). Status 0 means the run reached --max_steps.
 """
 
-import argparse
+import math
 import os
+import sys
 import tempfile
 
 import torch
 
 from . import dist_util, logger
 from .checkpoint_util import ARGS_FILE, explicit_flags, merge_config, read_args_json, write_args_json
-from .cli import UserError, require_dir
+from .cli import ArgumentParser, Stopped, UserError, removed_on_failure, require_dir, signal_name
 from .classifier_util import ClassifierTrainLoop
 from .resample import create_named_schedule_sampler
 from .script_util import (
@@ -29,7 +41,15 @@ from .script_util import (
     model_and_diffusion_defaults,
     str2bool,
 )
-from .train_util import AMP_CHOICES, TrainLoop, parse_ema_rates, resolve_resume_checkpoint
+from .train_util import (
+    AMP_CHOICES,
+    TrainLoop,
+    checkpoint_files,
+    parse_ema_rates,
+    resolve_amp,
+    resolve_resume_checkpoint,
+)
+from .volumes import parse_int_list
 
 DATASETS = ("brats", "demo", "synapse")
 # Image size used when --image_size is not given.
@@ -136,16 +156,17 @@ def add_train_flags(parser, defaults, aliases=None, helps=None):
 
 
 def ddpm_parser(description, **overrides):
-    parser = argparse.ArgumentParser(description=description)
+    parser = ArgumentParser(description=description, allow_abbrev=False)
     add_train_flags(parser, {**train_defaults(), **overrides})
     add_dict_to_argparser(parser, model_and_diffusion_defaults())
     return parser
 
 
 def classifier_parser(description, **overrides):
-    parser = argparse.ArgumentParser(description=description)
+    parser = ArgumentParser(description=description, allow_abbrev=False)
     add_train_flags(parser, {**classifier_train_defaults(), **overrides}, aliases={"max_steps": ["--iterations"]},
-                    helps={"max_steps": "number of training steps (also --iterations)"})
+                    helps={"max_steps": "number of training steps (also --iterations; 0: never stop)",
+                           "val_max_images": "validate on at most this many images (a fixed random subset; 0: all)"})
     add_dict_to_argparser(parser, classifier_and_diffusion_defaults())
     return parser
 
@@ -154,22 +175,93 @@ def classifier_parser(description, **overrides):
 # Shared setup
 
 
-def prepare_save_dir(save_dir, resuming):
-    """Create `save_dir` and check it is writable; refuse to overwrite another run's checkpoints."""
+def check_train_flags(args, argv=None):
+    """UserError naming the first training flag that cannot work; nothing has been read or written yet.
+
+    `argv` tells which spelling of an aliased flag was typed (--iterations or --max_steps).
+    """
+    typed = {t.split("=", 1)[0] for t in (sys.argv[1:] if argv is None else argv) if t.startswith("--")}
+    names = {"max_steps": "--iterations"} if "--iterations" in typed else {}
+
+    def require(ok, flag, value, what):
+        if not ok:
+            raise UserError(f"{flag} {value}: {what}")
+
+    def number(name, low, what, strict=False):
+        value = getattr(args, name)
+        good = math.isfinite(value) and (value > low if strict else value >= low)
+        require(good, names.get(name, f"--{name}"), value, what)
+
+    number("batch_size", 1, "must be at least 1")
+    mb = args.microbatch
+    require(mb == -1 or mb >= 1, "--microbatch", mb, "must be positive, or -1 for no split")
+    if mb != -1:
+        require(mb <= args.batch_size and args.batch_size % mb == 0, "--microbatch", mb,
+                f"must divide --batch_size {args.batch_size} (or -1 for no split)")
+    number("lr", 0, "the learning rate must be a positive number", strict=True)
+    number("weight_decay", 0, "must be a non-negative number")
+    number("max_steps", 0, "must be a non-negative number of steps (0: no limit)")
+    number("log_interval", 1, "must be at least 1")
+    number("save_interval", 1, "must be at least 1")
+    number("seed", 0, "must be a non-negative integer")
+    require(args.seed < 2**63, "--seed", args.seed, "must be below 2**63")
+    number("workers", 0, "must be 0 (load in the main process) or a number of worker processes")
+    require(0 < args.max_noise_level <= 1, "--max_noise_level", args.max_noise_level, "expected a fraction in (0, 1]")
+    require(args.split in SPLIT_NAMES, "--split", repr(args.split), f"expected one of {', '.join(SPLIT_NAMES)}")
+    require(args.schedule_sampler in SAMPLERS, "--schedule_sampler", repr(args.schedule_sampler),
+            f"expected one of {', '.join(SAMPLERS)}")
+    if hasattr(args, "lr_anneal_steps"):
+        number("lr_anneal_steps", 0, "must be a non-negative number of steps (0: constant learning rate)")
+    if hasattr(args, "fp16_scale_growth"):
+        number("fp16_scale_growth", 0, "must be a non-negative number")
+    if hasattr(args, "eval_interval"):
+        number("eval_interval", 0, "must be a non-negative number of steps (0: never validate)")
+        number("val_max_images", 0, "must be a non-negative number of images (0: all)")
+        require(args.val_split in SPLIT_NAMES, "--val_split", repr(args.val_split),
+                f"expected one of {', '.join(SPLIT_NAMES)}")
+        require(not (args.anneal_lr and args.max_steps == 0), "--anneal_lr", True,
+                "needs a number of steps to anneal over: pass --iterations N with N > 0")
+    if getattr(args, "class_index", ""):
+        indices = parse_int_list(str(args.class_index), "--class_index")
+        require(indices and min(indices) >= 1, "--class_index", repr(args.class_index),
+                "expected organ labels >= 1, e.g. 1 or 2,3")
+    return parse_ema_rates(args.ema_rate)
+
+
+SPLIT_NAMES = ("training", "validation")
+SAMPLERS = ("uniform", "loss-second-moment")
+
+
+def check_save_dir(save_dir, resuming):
+    """Check that `save_dir` can be created and written, without creating it; refuse to overwrite
+    another run's checkpoints."""
     if not save_dir:
         raise UserError("--save_dir is required")
+    if os.path.exists(save_dir) and not os.path.isdir(save_dir):
+        raise UserError(f"--save_dir {save_dir}: is a file, not a folder")
+    existing_parent = os.path.abspath(save_dir)
+    while not os.path.exists(existing_parent):
+        existing_parent = os.path.dirname(existing_parent)
+    if not os.path.isdir(existing_parent):
+        raise UserError(f"--save_dir {save_dir}: cannot be created, {existing_parent} is a file")
     try:
-        os.makedirs(save_dir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=save_dir):
+        with tempfile.TemporaryFile(dir=existing_parent):
             pass
     except OSError as err:
-        raise UserError(f"--save_dir {save_dir}: not writable ({err.strerror or err})")
-    existing = sorted(n for n in os.listdir(save_dir) if n.startswith("model") and n.endswith(".pt"))
-    if existing and not resuming:
-        raise UserError(
-            f"--save_dir {save_dir} already holds checkpoints ({existing[-1]}); continue that run with "
-            f"--resume_checkpoint auto, or choose another --save_dir"
-        )
+        raise UserError(f"--save_dir {save_dir}: not writable ({err.strerror or err})") from None
+    if os.path.isdir(save_dir):
+        existing = sorted(n for n in os.listdir(save_dir) if n.startswith("model") and n.endswith(".pt"))
+        if existing and not resuming:
+            raise UserError(
+                f"--save_dir {save_dir} already holds checkpoints ({existing[-1]}); continue that run with "
+                f"--resume_checkpoint auto, or choose another --save_dir"
+            )
+
+
+def prepare_save_dir(save_dir, resuming):
+    """Check `save_dir` (see `check_save_dir`) and create it."""
+    check_save_dir(save_dir, resuming)
+    os.makedirs(save_dir, exist_ok=True)
 
 
 def config_from_flags(args, explicit, keys):
@@ -211,7 +303,7 @@ def build_data(args, config, split, class_cond):
 
     require_dir(args.src_dir, "--src_dir")
     if getattr(args, "class_index", "") and _holds_volumes(args.src_dir):
-        indices = tuple(int(c) for c in str(args.class_index).split(",") if c.strip())
+        indices = parse_int_list(str(args.class_index), "--class_index")
         dataset = VolumeSliceDataset(args.src_dir, image_size=config["image_size"], class_indices=indices)
         labels, where = set(dataset.labels()), f"no slice of {args.src_dir} with --class_index {args.class_index}"
     else:
@@ -248,18 +340,56 @@ def _dump_params(model, directory):
 
 
 def _start(args, ema_rates):
-    """Distributed setup, output folder and logger; returns the checkpoint to resume from (or None)."""
-    if not 0 < args.max_noise_level <= 1:
-        raise UserError(f"--max_noise_level {args.max_noise_level}: expected a fraction in (0, 1]")
+    """Distributed setup and the checks of --src_dir, --save_dir and --resume_checkpoint (nothing is
+    written); returns the checkpoint to resume from (or None)."""
     dist_util.setup_dist()
     require_dir(args.src_dir, "--src_dir")
     resume_path = None
     if args.resume_checkpoint:
         resume_path = resolve_resume_checkpoint(args.resume_checkpoint, args.save_dir, ema_rates)
-    prepare_save_dir(args.save_dir, resuming=bool(args.resume_checkpoint))
-    dist_util.barrier()
-    logger.configure(dir=args.save_dir)
+    check_save_dir(args.save_dir, resuming=bool(args.resume_checkpoint))
     return resume_path
+
+
+def _train(args, saved_config, make_loop, message):
+    """Create --save_dir, write args.json and the log, build the loop with `make_loop()` and run it.
+
+    Everything the command line can get wrong has been checked by now. Should the run still fail
+    before its first checkpoint, what it wrote is removed again (a new --save_dir as well). A run
+    stopped by a signal has saved the step it was on; that is reported as `Stopped` (exit 128 + signal).
+    """
+    loop = None
+    main = dist_util.is_main_process()
+    guard = removed_on_failure(args.save_dir, keep=lambda: loop is not None and loop.last_saved is not None,
+                               flag="--save_dir") if main else _made_dir(args.save_dir)
+    with guard:
+        dist_util.barrier()
+        if main:
+            write_args_json(args.save_dir, saved_config)
+        logger.configure(dir=args.save_dir)
+        logger.log(message)
+        loop = make_loop()
+        loop.run_loop()
+    _dump_params(loop.model, args.dump_final_params)
+    dist_util.barrier()
+    if loop.stop_requested:
+        saved = checkpoint_files(args.save_dir, loop.last_saved, loop.ema_rates)["model"]
+        raise Stopped(loop.stop_signal or 15, f"stopped by {signal_name(loop.stop_signal)} at step {loop.step}: "
+                                              f"saved {saved}; continue with --resume_checkpoint auto")
+    return loop
+
+
+class _made_dir:
+    """Other ranks: wait for rank 0 to create the folder (the barrier is inside the block)."""
+
+    def __init__(self, directory):
+        self.directory = directory
+
+    def __enter__(self):
+        return self.directory
+
+    def __exit__(self, *exc):
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,32 +401,32 @@ def ddpm_main(argv=None, *, description, **overrides):
     parser = ddpm_parser(description, **overrides)
     args = parser.parse_args(argv)
     explicit = explicit_flags(parser, argv)
-    ema_rates = parse_ema_rates(args.ema_rate)
+    ema_rates = check_train_flags(args, argv)
     resume_path = _start(args, ema_rates)
     keys = list(model_and_diffusion_defaults())
     config = with_size_defaults(config_from_flags(args, explicit, keys), explicit)
     config = resumed_config(config, resume_path, args, explicit, keys)
-    if dist_util.is_main_process():
-        write_args_json(args.save_dir, {**config, **_train_flags(args, {**train_defaults(), **overrides})})
-    logger.log(f"training a DDPM on {args.src_dir} with {dist_util.get_world_size()} process(es)")
 
     data = build_data(args, config, args.split, config["class_cond"])
     torch.manual_seed(args.seed)  # the same initial weights for the same --seed
     model, diffusion = create_model_and_diffusion(**config)
-    loop = TrainLoop(
-        model=model, diffusion=diffusion, data=data,
-        schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion, args.max_noise_level),
-        batch_size=args.batch_size, microbatch=args.microbatch, lr=args.lr, ema_rate=args.ema_rate,
-        log_interval=args.log_interval, save_interval=args.save_interval, resume_checkpoint=resume_path or "",
-        save_dir=args.save_dir, use_fp16=config["use_fp16"], amp=args.amp,
-        fp16_scale_growth=args.fp16_scale_growth, weight_decay=args.weight_decay,
-        lr_anneal_steps=args.lr_anneal_steps, max_steps=args.max_steps, seed=args.seed,
-        channels_last=args.channels_last,
-    )
-    loop.run_loop()
-    _dump_params(loop.model, args.dump_final_params)
-    dist_util.barrier()
-    return loop
+    sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion, args.max_noise_level)
+    resolve_amp(args.amp, config["use_fp16"], dist_util.dev())
+
+    def make_loop():
+        return TrainLoop(
+            model=model, diffusion=diffusion, data=data, schedule_sampler=sampler,
+            batch_size=args.batch_size, microbatch=args.microbatch, lr=args.lr, ema_rate=args.ema_rate,
+            log_interval=args.log_interval, save_interval=args.save_interval, resume_checkpoint=resume_path or "",
+            save_dir=args.save_dir, use_fp16=config["use_fp16"], amp=args.amp,
+            fp16_scale_growth=args.fp16_scale_growth, weight_decay=args.weight_decay,
+            lr_anneal_steps=args.lr_anneal_steps, max_steps=args.max_steps, seed=args.seed,
+            channels_last=args.channels_last,
+        )
+
+    saved = {**config, **_train_flags(args, {**train_defaults(), **overrides})}
+    return _train(args, saved, make_loop,
+                  f"training a DDPM on {args.src_dir} with {dist_util.get_world_size()} process(es)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,14 +468,9 @@ def classifier_main(argv=None, *, description, **overrides):
     parser = classifier_parser(description, **overrides)
     args = parser.parse_args(argv)
     explicit = explicit_flags(parser, argv)
-    ema_rates = parse_ema_rates(args.ema_rate)
+    ema_rates = check_train_flags(args, argv)
     resume_path = _start(args, ema_rates)
     config = classifier_config(args, explicit, resume_path)
-    if dist_util.is_main_process():
-        flags = _train_flags(args, {**classifier_train_defaults(), **overrides})
-        write_args_json(args.save_dir, {**config, **flags})
-    logger.log(f"training a {config['model_type']} classifier on {args.src_dir} "
-               f"with {dist_util.get_world_size()} process(es)")
 
     data = build_data(args, config, args.split, class_cond=True)
     val_dataset = None
@@ -362,19 +487,22 @@ def classifier_main(argv=None, *, description, **overrides):
         use_kl=config["use_kl"], predict_xstart=config["predict_xstart"],
         rescale_timesteps=config["rescale_timesteps"], rescale_learned_sigmas=config["rescale_learned_sigmas"],
     )
-    loop = ClassifierTrainLoop(
-        model=model, diffusion=diffusion, data=data, noised=args.noised,
-        schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion, args.max_noise_level),
-        val_dataset=val_dataset, eval_interval=args.eval_interval, val_max_images=args.val_max_images,
-        max_noise_level=args.max_noise_level,
-        batch_size=args.batch_size, microbatch=args.microbatch, lr=args.lr, ema_rate=args.ema_rate,
-        log_interval=args.log_interval, save_interval=args.save_interval, resume_checkpoint=resume_path or "",
-        save_dir=args.save_dir, use_fp16=config["classifier_use_fp16"], amp=args.amp,
-        initial_lg_loss_scale=16.0, weight_decay=args.weight_decay,
-        lr_anneal_steps=args.max_steps if args.anneal_lr else 0, max_steps=args.max_steps, seed=args.seed,
-        channels_last=args.channels_last,
-    )
-    loop.run_loop()
-    _dump_params(loop.model, args.dump_final_params)
-    dist_util.barrier()
-    return loop
+    sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion, args.max_noise_level)
+    resolve_amp(args.amp, config["classifier_use_fp16"], dist_util.dev())
+
+    def make_loop():
+        return ClassifierTrainLoop(
+            model=model, diffusion=diffusion, data=data, noised=args.noised, schedule_sampler=sampler,
+            val_dataset=val_dataset, eval_interval=args.eval_interval, val_max_images=args.val_max_images,
+            max_noise_level=args.max_noise_level,
+            batch_size=args.batch_size, microbatch=args.microbatch, lr=args.lr, ema_rate=args.ema_rate,
+            log_interval=args.log_interval, save_interval=args.save_interval, resume_checkpoint=resume_path or "",
+            save_dir=args.save_dir, use_fp16=config["classifier_use_fp16"], amp=args.amp,
+            initial_lg_loss_scale=16.0, weight_decay=args.weight_decay,
+            lr_anneal_steps=args.max_steps if args.anneal_lr else 0, max_steps=args.max_steps, seed=args.seed,
+            channels_last=args.channels_last,
+        )
+
+    saved = {**config, **_train_flags(args, {**classifier_train_defaults(), **overrides})}
+    return _train(args, saved, make_loop, f"training a {config['model_type']} classifier on {args.src_dir} "
+                                          f"with {dist_util.get_world_size()} process(es)")

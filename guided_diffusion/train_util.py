@@ -30,8 +30,9 @@ import torch.distributed as dist
 from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 
 from . import dist_util, logger
-from .checkpoint_util import load_weights, parse_step
+from .checkpoint_util import load_weights, parse_step, read_checkpoint
 from .cli import UserError, atomic_path, atomic_torch_save
+from .cli import signal_name as _signal_name
 from .fp16_util import MixedPrecisionTrainer
 from .nn import update_ema
 from .resample import LossAwareSampler, UniformSampler
@@ -69,6 +70,8 @@ class ShuffledBatches:
         self.num_workers = num_workers
         self.class_cond = class_cond
         self.pin_memory = pin_memory
+        if batch_size < 1:
+            raise UserError(f"--batch_size {batch_size}: must be at least 1")
         global_batch = batch_size * self.world_size
         self.batches_per_epoch = len(dataset) // global_batch
         if self.batches_per_epoch == 0:
@@ -98,7 +101,15 @@ class ShuffledBatches:
         if self._iterator is None:
             self._iterator = self._make_iterator(self.position)
         self.position += 1
-        return next(self._iterator)
+        batch = next(self._iterator)
+        if isinstance(batch, _WorkerFailure):
+            self.shutdown()
+            raise UserError(batch.message)
+        return batch
+
+    def shutdown(self):
+        """Stop the data-loader workers (a later `next` starts new ones at the current position)."""
+        self._iterator = None
 
     def _index_batches(self, start):
         k = start
@@ -110,13 +121,17 @@ class ShuffledBatches:
         if self.num_workers == 0:
             return (self.collate([self.dataset[i] for i in idx]) for idx in self._index_batches(start))
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=self._index_batches(start), num_workers=self.num_workers,
+            _ReportingDataset(self.dataset), batch_sampler=self._index_batches(start), num_workers=self.num_workers,
             collate_fn=self.collate, pin_memory=self.pin_memory, persistent_workers=False,
+            worker_init_fn=_ignore_stop_signals,
         )
         return iter(loader)
 
     def collate(self, items):
-        """Stack dataset items into `(images, cond)`."""
+        """Stack dataset items into `(images, cond)` (a worker's `_WorkerFailure` is passed on as is)."""
+        failures = [it for it in items if isinstance(it, _WorkerFailure)]
+        if failures:
+            return failures[0]
         if isinstance(items[0], dict):
             images = [it["image"] for it in items]
             labels = [it["label"] for it in items]
@@ -125,6 +140,39 @@ class ShuffledBatches:
         images = torch.stack([torch.as_tensor(im, dtype=torch.float32) for im in images])
         cond = {"y": torch.as_tensor(np.asarray([int(l) for l in labels]), dtype=torch.long)} if self.class_cond else {}
         return images, cond
+
+
+class _WorkerFailure:
+    """A UserError met in a data-loader worker, sent back as a value: torch would wrap a raised one
+    in the worker's traceback, and the main process re-raises it as the one line it is."""
+
+    def __init__(self, message):
+        self.message = message
+
+
+class _ReportingDataset(torch.utils.data.Dataset):
+    """The dataset as a data-loader worker reads it: a UserError becomes a `_WorkerFailure` item."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        try:
+            return self.dataset[index]
+        except UserError as err:
+            return _WorkerFailure(str(err))
+
+
+def _ignore_stop_signals(worker_id):
+    """Data-loader workers ignore SIGINT and SIGTERM. Ctrl-C, `timeout`, SLURM and Kubernetes signal the
+    whole process group; a worker killed by it would make the main process fail with a traceback
+    instead of finishing its step and saving. Workers exit when the main process closes the loader or dies."""
+    del worker_id
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,6 +191,22 @@ def parse_ema_rates(ema_rate):
         if not 0.0 <= r < 1.0:
             raise UserError(f"--ema_rate {ema_rate}: every rate must be in [0, 1)")
     return rates
+
+
+def check_loop_settings(*, batch_size, microbatch, lr, log_interval, save_interval, max_steps, lr_anneal_steps,
+                        weight_decay=0.0, seed=0):
+    """ValueError naming the first training-loop setting that cannot work."""
+    for name, value, low in (("batch_size", batch_size, 1), ("log_interval", log_interval, 1),
+                             ("save_interval", save_interval, 1), ("max_steps", max_steps, 0),
+                             ("lr_anneal_steps", lr_anneal_steps, 0), ("seed", seed, 0)):
+        if value < low:
+            raise ValueError(f"{name} {value}: must be at least {low}")
+    if microbatch == 0 or microbatch < -1:
+        raise ValueError(f"microbatch {microbatch}: must be positive, or -1 for no split")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr {lr}: must be a positive number")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay {weight_decay}: must be a non-negative number")
 
 
 def annealed_lr(base_lr, step, anneal_steps):
@@ -284,6 +348,9 @@ class TrainLoopBase:
                  fp16_scale_growth=1e-3, initial_lg_loss_scale=20.0, weight_decay=0.0, lr_anneal_steps=0,
                  max_steps=0, seed=0, channels_last=False, device=None, progress=True,
                  find_unused_parameters=False):
+        check_loop_settings(batch_size=batch_size, microbatch=microbatch, lr=lr, log_interval=log_interval,
+                            save_interval=save_interval, max_steps=max_steps, lr_anneal_steps=lr_anneal_steps,
+                            weight_decay=weight_decay, seed=seed)
         self.data = data
         self.batch_size = batch_size
         self.microbatch = microbatch if microbatch > 0 else batch_size
@@ -303,6 +370,7 @@ class TrainLoopBase:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.amp_dtype = resolve_amp(amp, use_fp16, self.device)
         self.stop_requested = False
+        self.stop_signal = None  # the signal that stopped the run early, if one did
         self.last_saved = None
 
         self.model = model.to(self.device, memory_format=self.memory_format)
@@ -361,29 +429,62 @@ class TrainLoopBase:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=self.max_steps or None, initial=self.step, desc="train", dynamic_ncols=True)
-        with _graceful_stop(self):
-            while not self.max_steps or self.step < self.max_steps:
-                batch, cond = next(self.data)
-                # After fetching: starting data-loader workers draws from the global generator.
-                seed_step(self.seed, self.step, self.rank)
-                self.run_step(batch, cond)
-                self.step += 1
-                self.after_step()
-                if bar is not None:
-                    bar.update(1)
-                if self.step % self.log_interval == 0:
-                    self._dump_logs()
-                if self.step % self.save_interval == 0 or self.stop_requested:
-                    self.save()
+        try:
+            with _graceful_stop(self):
+                while not self.max_steps or self.step < self.max_steps:
+                    batch = self._next_batch()
+                    if batch is None:  # stopped while waiting for data
+                        break
+                    # After fetching: starting data-loader workers draws from the global generator.
+                    seed_step(self.seed, self.step, self.rank)
+                    self.run_step(*batch)
+                    self.step += 1
+                    self.after_step()
+                    if bar is not None:
+                        bar.update(1)
+                    if self.step % self.log_interval == 0:
+                        self._dump_logs()
+                    if self.step % self.save_interval == 0 or self.stop_requested:
+                        self.save()
+                    if self.stop_requested:
+                        break
                 if self.stop_requested:
-                    logger.log(f"stopped on request at step {self.step}; resume with --resume_checkpoint auto")
-                    break
-        if self.step % self.log_interval:
-            self._dump_logs()
-        if self.last_saved != self.step:
-            self.save()
-        if bar is not None:
-            bar.close()
+                    logger.log(f"stopped by {_signal_name(self.stop_signal)} at step {self.step}; "
+                               f"resume with --resume_checkpoint auto")
+            if self.step % self.log_interval:
+                self._dump_logs()
+            if self.last_saved != self.step:
+                self.save()
+        except BaseException:
+            if bar is not None:
+                bar.leave = False  # erase the bar, so that an error is the one line the user sees
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+            if hasattr(self.data, "shutdown"):
+                self.data.shutdown()
+
+    def _next_batch(self):
+        """The next `(batch, cond)`; None when a stop was requested and the data-loader workers went with it."""
+        try:
+            return next(self.data)
+        except UserError:
+            raise
+        except Exception:
+            # A signal sent to the whole process group can reach a data-loader worker before it
+            # ignores signals (while it starts); the loader then fails. The step is not begun, so the
+            # state is that of the last step: stop cleanly and save it.
+            if self.stop_requested or self._stop_pending():
+                return None
+            raise
+
+    def _stop_pending(self):
+        """Give a signal that is on its way to this process (e.g. from the process group) the chance to land."""
+        import time
+
+        time.sleep(0.2)
+        return self.stop_requested
 
     def run_step(self, batch, cond):
         """One optimizer step over `batch` (split into microbatches), with the non-finite guard."""
@@ -406,8 +507,10 @@ class TrainLoopBase:
                     bad_loss = float(loss.detach())
                 # Weight by microbatch size so the gradient is that of the mean over the whole batch.
                 self._backward(loss * (micro.shape[0] / batch.shape[0]))
-        bad, stop = self._agree_across_ranks(bad_loss is not None, self.stop_requested)
-        self.stop_requested = stop
+        bad, stop = self._agree_across_ranks(bad_loss is not None, self.stop_signal or self.stop_requested)
+        if stop and not self.stop_requested:  # another process was signalled: stop together
+            self.stop_requested = True
+            self.stop_signal = self.stop_signal or int(stop)
         if bad:
             self._fail_non_finite(bad_loss)
         took_step = self._optimize()
@@ -445,12 +548,12 @@ class TrainLoopBase:
         return self.grad_scaler.get_scale() >= scale
 
     def _agree_across_ranks(self, *flags):
-        """Every rank learns whether any rank saw a flag, so all stop together."""
+        """The largest value of each flag over all ranks (e.g. whether any rank saw it), so all stop together."""
         if not dist_util.is_distributed():
             return flags
         t = torch.tensor([float(f) for f in flags], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return tuple(bool(v) for v in t.tolist())
+        return tuple(int(v) for v in t.tolist())
 
     def _fail_non_finite(self, value):
         good = self.last_good_step()
@@ -508,18 +611,31 @@ class TrainLoopBase:
         for params, rate in zip(self.ema_params, self.ema_rates):
             path = files["ema"][rate]
             if os.path.isfile(path):
-                state = dist_util.load_state_dict(path, map_location="cpu")
-                for p, v in zip(params, self.mp_trainer.state_dict_to_master_params(state)):
+                state = read_checkpoint(path, "--resume_checkpoint")
+                try:
+                    values = self.mp_trainer.state_dict_to_master_params(state)
+                    if any(p.shape != v.shape for p, v in zip(params, values)):
+                        raise ValueError("shape")
+                except (KeyError, TypeError, AttributeError, ValueError):
+                    raise UserError(f"--resume_checkpoint {self.resume_path}: {path} does not fit the "
+                                    f"configured network") from None
+                for p, v in zip(params, values):
                     p.copy_(v.to(p.device))
             else:
                 logger.log(f"warning: {path} not found; EMA at rate {rate} restarts from the weights")
         if not os.path.isfile(files["opt"]):
             logger.log(f"warning: {files['opt']} not found; the optimizer restarts")
             return
-        state = dist_util.load_state_dict(files["opt"], map_location="cpu", weights_only=False)
+        state = read_checkpoint(files["opt"], "--resume_checkpoint", weights_only=False)
+        if not isinstance(state, dict):
+            raise UserError(f"--resume_checkpoint {self.resume_path}: {files['opt']} is not an optimizer file")
         if "optimizer" not in state:  # a bare optimizer state dict (openai-style opt file)
             state = {"optimizer": state}
-        self.opt.load_state_dict(state["optimizer"])
+        try:
+            self.opt.load_state_dict(state["optimizer"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserError(f"--resume_checkpoint {self.resume_path}: {files['opt']} does not fit this network "
+                            f"and optimizer ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
         self.mp_trainer.lg_loss_scale = state.get("lg_loss_scale", self.mp_trainer.lg_loss_scale)
         if self.grad_scaler is not None and state.get("grad_scaler"):
             self.grad_scaler.load_state_dict(state["grad_scaler"])
@@ -553,6 +669,8 @@ def _graceful_stop(loop):
         if loop.stop_requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         loop.stop_requested = True
+        if loop.stop_signal is None:
+            loop.stop_signal = signum
 
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -560,11 +678,37 @@ def _graceful_stop(loop):
             previous[sig] = signal.signal(sig, request_stop)
         except ValueError:  # not the main thread: leave signals alone
             pass
+    if previous:
+        child_handler = _deferred_worker_failures(loop)
+        if child_handler is not None:
+            previous[signal.SIGCHLD] = child_handler
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _deferred_worker_failures(loop):
+    """While a stop is requested, a data-loader worker that died of the same signal must not raise in
+    the middle of the step being finished (torch checks its workers on SIGCHLD). Installs a SIGCHLD
+    handler that skips that check then; returns the handler it replaced (None if none was replaced)."""
+    try:
+        from torch.utils.data._utils import signal_handling
+
+        signal_handling._set_SIGCHLD_handler()  # torch's own, installed now rather than with the first loader
+    except Exception:  # not available on this platform or version
+        return None
+    torch_handler = signal.getsignal(signal.SIGCHLD)
+    if not callable(torch_handler):
+        return None
+
+    def on_child_exit(signum, frame):
+        if not loop.stop_requested:
+            torch_handler(signum, frame)
+
+    signal.signal(signal.SIGCHLD, on_child_exit)
+    return torch_handler
 
 
 # ---------------------------------------------------------------------------------------------
