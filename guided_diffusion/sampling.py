@@ -10,8 +10,8 @@ from the `args.json` beside each checkpoint and writes
 `samples_{N}x{H}x{W}x{C}.npz` plus a labelled PNG grid.
 """
 
-import argparse
 import json
+import math
 import os
 import sys
 import warnings
@@ -28,7 +28,7 @@ from .checkpoint_util import (
     load_model_and_diffusion,
     read_args_json,
 )
-from .cli import UserError, atomic_path
+from .cli import ArgumentParser, UserError, atomic_path, removed_on_failure
 from .guidance import make_classifier_cond_fn
 from .script_util import add_dict_to_argparser, classifier_defaults, model_and_diffusion_defaults, str2bool
 
@@ -122,19 +122,24 @@ def sample_images(
     cuda_devices = []
     if device.type == "cuda":
         cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=cuda_devices):
-        torch.manual_seed(rank_seed(seed, rank))
-        for lo, hi in batches:
-            model_kwargs = {}
-            if uses_labels:
-                model_kwargs["y"] = torch.as_tensor(all_labels[lo:hi], device=device)
-            noise = torch.randn((hi - lo, *image_shape), device=device)
-            out = None
-            for out in loop(model_fn, noise.shape, noise=noise, clip_denoised=clip_denoised, cond_fn=cond_fn,
-                            model_kwargs=model_kwargs, device=device, **extra):
-                bar.update(1)
-            images.append(to_uint8(out["sample"]))
-    bar.close()
+    try:
+        with torch.random.fork_rng(devices=cuda_devices):
+            torch.manual_seed(rank_seed(seed, rank))
+            for lo, hi in batches:
+                model_kwargs = {}
+                if uses_labels:
+                    model_kwargs["y"] = torch.as_tensor(all_labels[lo:hi], device=device)
+                noise = torch.randn((hi - lo, *image_shape), device=device)
+                out = None
+                for out in loop(model_fn, noise.shape, noise=noise, clip_denoised=clip_denoised, cond_fn=cond_fn,
+                                model_kwargs=model_kwargs, device=device, **extra):
+                    bar.update(1)
+                images.append(to_uint8(out["sample"]))
+    except BaseException:
+        bar.leave = False  # erase the bar: the error (or the stop) is the line the user sees
+        raise
+    finally:
+        bar.close()
 
     shares = dist_util.all_gather_objects(np.concatenate(images))
     return np.concatenate(shares), (all_labels if uses_labels else None)
@@ -234,7 +239,7 @@ def create_argparser(guided=False):
         "Draw images from a trained DDPM with classifier guidance." if guided
         else "Draw images from a trained DDPM (ancestral DDPM or DDIM)."
     )
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    parser = ArgumentParser(description=description, allow_abbrev=False)
     for key, value in sampling_defaults(guided).items():
         value_type = str2bool if isinstance(value, bool) else type(value)
         help_text = SAMPLING_HELP[key]
@@ -258,12 +263,16 @@ def _check_sampling_args(args, guided):
         raise UserError(f"--num_samples {args.num_samples}: must be at least 1")
     if args.batch_size < 1:
         raise UserError(f"--batch_size {args.batch_size}: must be at least 1")
-    if args.eta < 0:
-        raise UserError(f"--eta {args.eta}: must be non-negative")
-    if args.seed < 0:
-        raise UserError(f"--seed {args.seed}: must be non-negative")
+    if not (math.isfinite(args.eta) and args.eta >= 0):
+        raise UserError(f"--eta {args.eta}: must be a non-negative number")
+    if not 0 <= args.seed < 2**32:
+        raise UserError(f"--seed {args.seed}: must be in 0..{2**32 - 1}")
     if guided and not args.classifier_path:
         raise UserError("--classifier_path is required for classifier-guided sampling")
+    if guided and not math.isfinite(args.classifier_scale):
+        raise UserError(f"--classifier_scale {args.classifier_scale}: must be a finite number")
+    if args.save_dir and os.path.exists(args.save_dir) and not os.path.isdir(args.save_dir):
+        raise UserError(f"--save_dir {args.save_dir}: is a file, not a folder")
 
 
 def _check_classifier_fits(classifier_config, model_config, classifier_path):
@@ -306,11 +315,24 @@ def sample_main(argv=None, guided=False):
             raise UserError(f"--class_label {args.class_label}: must be -1 or a class in 0..{num_classes - 1}")
 
     save_dir = args.save_dir or os.path.join(os.path.dirname(os.path.abspath(args.model_path)), "samples")
+    if dist_util.is_main_process():
+        # Stopped or failed before the samples are written: nothing of this run is left in save_dir.
+        with removed_on_failure(save_dir, flag="--save_dir"):
+            _sample_and_save(args, model, diffusion, config, cond_fn, save_dir, device)
+    else:
+        _sample_and_save(args, model, diffusion, config, cond_fn, save_dir, device)
+    dist_util.barrier()
+    logger.close()
+    dist_util.cleanup()
+
+
+def _sample_and_save(args, model, diffusion, config, cond_fn, save_dir, device):
     try:
         logger.configure(save_dir, format_strs=["stdout", "log"])
     except OSError as err:
         raise UserError(f"--save_dir {save_dir}: cannot be created ({err.strerror})")
     logger.log("sampling with " + json.dumps({**vars(args), **config}, sort_keys=True))
+    num_classes = config["num_classes"]
 
     images, labels = sample_images(
         model,
@@ -330,9 +352,9 @@ def sample_main(argv=None, guided=False):
         progress=True,
     )
     if dist_util.is_main_process():
-        npz_path = save_samples_npz(images, labels, save_dir)
-        png_path = save_sample_grid(images, labels, os.path.join(save_dir, samples_filename(images, "png")))
+        # The grid is drawn first and both files appear together: no npz without its picture.
+        png_path = os.path.join(save_dir, samples_filename(images, "png"))
+        with atomic_path(png_path) as png_tmp:
+            save_sample_grid(images, labels, png_tmp)
+            npz_path = save_samples_npz(images, labels, save_dir)
         logger.log(f"wrote {npz_path} and {png_path}")
-    dist_util.barrier()
-    logger.close()
-    dist_util.cleanup()
