@@ -15,7 +15,7 @@ example:
 
 import argparse
 
-from guided_diffusion.cli import run_main
+from guided_diffusion.cli import ArgumentParser, UserError, run_main
 from guided_diffusion.volumes import (
     SliceOptions, check_slice_options, export_slice_dataset, find_brats_cases, format_counts, parse_int_list,
     parse_modalities,
@@ -23,7 +23,8 @@ from guided_diffusion.volumes import (
 
 
 def create_argparser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       allow_abbrev=False)
     p.add_argument("--input_dir", required=True, help="BraTS folder with one sub-folder per subject")
     p.add_argument("--out_dir", required=True, help="where the slice layout goes (replaced if it holds an earlier one)")
     p.add_argument("--modality", default="flair",
@@ -53,6 +54,7 @@ def create_argparser():
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
+    check_common_flags(args)
     options = check_slice_options(SliceOptions(
         image_size=args.image_size, intensity="brain", clip_percentiles=tuple(args.clip_percentiles),
         crop=args.crop, crop_margin=args.crop_margin, min_brain_fraction=args.min_brain_fraction,
@@ -62,10 +64,20 @@ def main(argv=None):
     modalities = parse_modalities(args.modality)
     cases = find_brats_cases(args.input_dir, modalities)
     counts = export_slice_dataset(cases, args.out_dir, options, input_dir=args.input_dir,
-                                  val_fraction=args.val_fraction, seed=args.seed, workers=max(1, args.workers),
+                                  val_fraction=args.val_fraction, seed=args.seed, workers=args.workers,
                                   extra_settings=dict(dataset="brats", modalities=list(modalities)))
     print(format_counts(counts))
     print(f"wrote {args.out_dir}")
+
+
+def check_common_flags(args):
+    """The flags checked before any input is read."""
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
+    if args.seed < 0:
+        raise UserError(f"--seed must be a non-negative integer, got {args.seed}")
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise UserError(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
 
 
 if __name__ == "__main__":

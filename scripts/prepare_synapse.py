@@ -13,14 +13,15 @@ example:
 
 import argparse
 
-from guided_diffusion.cli import UserError, run_main
+from guided_diffusion.cli import ArgumentParser, UserError, run_main
 from guided_diffusion.volumes import (
     SliceOptions, check_slice_options, export_slice_dataset, find_btcv_cases, format_counts, parse_int_list,
 )
 
 
 def create_argparser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       allow_abbrev=False)
     p.add_argument("--input_dir", required=True, help="folder holding img/ and label/")
     p.add_argument("--out_dir", required=True, help="where the slice layout goes (replaced if it holds an earlier one)")
     p.add_argument("--class_index", default="1",
@@ -40,6 +41,7 @@ def create_argparser():
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
+    check_common_flags(args)
     class_indices = parse_int_list(args.class_index, "--class_index")
     if not class_indices or min(class_indices) < 1:
         raise UserError(f"--class_index {args.class_index!r}: expected organ labels >= 1, e.g. 1 or 2,3")
@@ -50,10 +52,20 @@ def main(argv=None):
     ))
     cases = find_btcv_cases(args.input_dir)
     counts = export_slice_dataset(cases, args.out_dir, options, input_dir=args.input_dir,
-                                  val_fraction=args.val_fraction, seed=args.seed, workers=max(1, args.workers),
+                                  val_fraction=args.val_fraction, seed=args.seed, workers=args.workers,
                                   extra_settings=dict(dataset="synapse", class_index=list(class_indices)))
     print(format_counts(counts))
     print(f"wrote {args.out_dir}")
+
+
+def check_common_flags(args):
+    """The flags checked before any input is read."""
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
+    if args.seed < 0:
+        raise UserError(f"--seed must be a non-negative integer, got {args.seed}")
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise UserError(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
 
 
 if __name__ == "__main__":
