@@ -18,6 +18,7 @@ setup(
         "tqdm",
         "scipy",
         "scikit-image",
+        "monai>=1.6",
         "nilearn",
         "matplotlib",
         "grad-cam",
