@@ -448,13 +448,14 @@ class TrainLoopBase:
                         self.save()
                     if self.stop_requested:
                         break
+                # Still under the stop handlers: a signal during the last save does not cut it short.
+                if self.step % self.log_interval:
+                    self._dump_logs()
+                if self.last_saved != self.step:
+                    self.save()
                 if self.stop_requested:
                     logger.log(f"stopped by {_signal_name(self.stop_signal)} at step {self.step}; "
                                f"resume with --resume_checkpoint auto")
-            if self.step % self.log_interval:
-                self._dump_logs()
-            if self.last_saved != self.step:
-                self.save()
         except BaseException:
             if bar is not None:
                 bar.leave = False  # erase the bar, so that an error is the one line the user sees
