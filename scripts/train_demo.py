@@ -67,9 +67,9 @@ def main():
     parser.add_argument("--data_dir", default="data/demo", help="demo dataset folder (made if missing)")
     parser.add_argument("--work_dir", default="runs/demo_train", help="where the full training runs are written")
     parser.add_argument("--out_dir", default="runs/demo", help="where the shipped half-precision models go")
-    parser.add_argument("--ddpm_steps", type=int, default=2400, help="DDPM training steps (default: 2400)")
-    parser.add_argument("--classifier_steps", type=int, default=800,
-                        help="encoder classifier training steps (default: 800)")
+    parser.add_argument("--ddpm_steps", type=int, default=1800, help="DDPM training steps (default: 1800)")
+    parser.add_argument("--classifier_steps", type=int, default=700,
+                        help="encoder classifier training steps (default: 700)")
     parser.add_argument("--resnet_steps", type=int, default=300, help="ResNet-18 (CAM) training steps (default: 300)")
     parser.add_argument("--noise_range_study", type=str2bool, default=False,
                         help="also train the DDPM for --study_steps on t < T and t < 0.1 T (default: False)")

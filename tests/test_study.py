@@ -78,3 +78,17 @@ def test_results_table_runs_every_row_on_the_validation_split(demo_like, tmp_pat
     with pytest.raises(UserError, match="--selection"):
         study_command.results_main(["--models", demo_like["models"], "--selection", str(tmp_path / "none.json")])
     assert np.isfinite(json.loads((study / "selection.json").read_text())["mask_tuned"]["training_dice"])
+
+
+def test_noise_range_table_reports_each_checkpoint(demo_like, tmp_path):
+    ddpm = os.path.join(demo_like["models"], "ddpm", "model.pt")
+    out = tmp_path / "noise_range.md"
+    study_command.noise_range_main(["--checkpoints", f"a:{ddpm},b:{ddpm}", "--classifier_path",
+                                    os.path.join(demo_like["models"], "classifier", "model.pt"), "--src_dir",
+                                    demo_like["slices"], "--max_images", "2", "--val_images", "4", "--out", str(out)])
+    lines = out.read_text().splitlines()
+    assert lines[2].startswith("| run | trained on t < | eps-MSE at Q | Dice tau 0 | Dice tau 0.95 |")
+    assert lines[4].split("|")[2:] == lines[5].split("|")[2:]  # the same checkpoint twice: the same numbers
+    assert float(lines[4].split("|")[3]) > 0
+    with pytest.raises(UserError, match="--checkpoints"):
+        study_command.noise_range_main(["--checkpoints", f"a:{tmp_path / 'none.pt'}"])

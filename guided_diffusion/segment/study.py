@@ -202,3 +202,45 @@ def plot_ablation(rows, path):
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
+
+
+def epsilon_mse(model, diffusion, images, labels, timestep, *, batch_size=64, seed=0):
+    """Mean squared error of the model's noise prediction at `timestep` on `images` (fixed per-image noise)."""
+    import torch
+
+    from .chain import per_image_noise
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(images), batch_size):
+        x0 = images[start:start + batch_size].to(device)
+        noise = per_image_noise(x0.shape[1:], seed, range(start, start + len(x0)), device=device)
+        t = torch.full((len(x0),), int(timestep), device=device, dtype=torch.long)
+        with torch.no_grad():
+            eps = model(diffusion.q_sample(x0, t, noise=noise), t, y=labels[start:start + batch_size].to(device))
+        total += float(((eps[:, : x0.shape[1]].float() - noise) ** 2).mean(dim=(1, 2, 3)).sum())
+        count += len(x0)
+    return total / count
+
+
+def noise_range_rows(checkpoints, classifier, val_images, val_labels, train_slices, *, noise_level=0.1, taus=(0.0, 0.95),
+                     scale=10.0, batch_size=32, seed=0, log=print):
+    """Per DDPM checkpoint ({name: path}): its training range, eps-MSE at t = Q on validation images, and
+    CG-CDM Dice on `train_slices` for each tau (same classifier, same noise draw)."""
+    from ..checkpoint_util import read_args_json
+    from .chain import noise_step
+
+    rows = []
+    for name, path in checkpoints.items():
+        log(f"noise range study: {name} ({path})")
+        model, _, config = load_model_and_diffusion(path, device=next(classifier.parameters()).device)
+        diffusion = diffusion_from_config({**config, "timestep_respacing": ""})
+        q = noise_step(noise_level, diffusion.num_timesteps)
+        row = {"run": name, "max_noise_level": float(read_args_json(path).get("max_noise_level", 1.0)),
+               "eps_mse_at_q": epsilon_mse(model, diffusion, val_images, val_labels, q, seed=seed)}
+        for point in measure((model, diffusion, classifier), train_slices, noise_level=noise_level, record_steps=(10,),
+                             taus=taus, scale=scale, batch_size=batch_size, seed=seed, sweep="noise_range",
+                             progress=False):
+            row[f"dice_tau_{point['tau']:g}"] = point["dice"]
+        rows.append(row)
+    return rows

@@ -75,6 +75,54 @@ def ablation_main(argv=None):
     print(f"wrote {args.out_dir}/ablation.json, ablation.png and selection.json")
 
 
+def noise_range_main(argv=None):
+    """The equal-compute comparison of DDPM training ranges (scripts/noise_range_study.py)."""
+    parser = argparse.ArgumentParser(description="Compare DDPMs trained for the same steps on t < f T for several f: "
+                                     "eps-MSE at t = Q on validation images and CG-CDM Dice on training slices.",
+                                     allow_abbrev=False)
+    parser.add_argument("--checkpoints", default="f=1:runs/demo_train/ddpm_noise1/model000300.pt,"
+                        "f=0.25:runs/demo_train/ddpm/model000300.pt,f=0.1:runs/demo_train/ddpm_noise0.1/model000300.pt",
+                        help="comma list of name:path (default: the 300-step runs of train_demo.py --noise_range_study)")
+    parser.add_argument("--classifier_path", default="runs/demo/classifier/model.pt",
+                        help="the guiding classifier for the Dice (default: %(default)s)")
+    parser.add_argument("--src_dir", default="data/demo/slices", help="slice dataset (default: %(default)s)")
+    parser.add_argument("--max_images", type=int, default=32, help="training tumour slices for the Dice (default: %(default)s)")
+    parser.add_argument("--val_images", type=int, default=256, help="validation images for the eps-MSE (default: %(default)s)")
+    parser.add_argument("--out", default="runs/demo_study/noise_range.md", help="Markdown table written (default: %(default)s)")
+    args = parser.parse_args(argv)
+    checkpoints = {}
+    for item in args.checkpoints.split(","):
+        name, _, path = item.partition(":")
+        if not os.path.isfile(path):
+            raise UserError(f"--checkpoints: {path or item} is no checkpoint file")
+        checkpoints[name] = path
+    require_dir(args.src_dir, "--src_dir")
+    import torch
+
+    from ..checkpoint_util import load_classifier
+    from ..datasets import SliceDataset
+    from .pipeline import evenly_spaced
+    from .study import noise_range_rows
+
+    classifier, config = load_classifier(args.classifier_path, device=dist_util.dev())
+    val = SliceDataset(args.src_dir, "validation", image_size=config["image_size"], in_channels=config["in_channels"])
+    items = [val[i] for i in evenly_spaced(list(range(len(val))), args.val_images)]
+    train = select_slices(args.src_dir, "training", image_size=config["image_size"], in_channels=config["in_channels"],
+                          max_images=args.max_images)
+    rows = noise_range_rows(checkpoints, classifier, torch.stack([i["image"] for i in items]),
+                            torch.stack([i["label"] for i in items]), train)
+    taus = [k for k in rows[0] if k.startswith("dice_tau_")]
+    lines = [f"Equal compute (same steps, batch and seed); eps-MSE at t = Q = 0.1 T on {len(items)} validation images; "
+             f"CG-CDM Dice (Q 0.1 T, R 10, s 10) on {len(train)} training tumour slices.", "",
+             "| run | trained on t < | eps-MSE at Q | " + " | ".join(f"Dice tau {k[9:]}" for k in taus) + " |",
+             "|---" * (3 + len(taus)) + "|"]
+    for row in rows:
+        lines.append(f"| {row['run']} | {row['max_noise_level']:g} T | {row['eps_mse_at_q']:.4f} | "
+                     + " | ".join(f"{row[k]:.3f}" for k in taus) + " |")
+    atomic_write_text(args.out, "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def results_main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[2], allow_abbrev=False)
     parser.add_argument("--models", default="runs/demo", help="folder with ddpm/, classifier/, resnet18/ (default: %(default)s)")
