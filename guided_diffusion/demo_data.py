@@ -168,6 +168,12 @@ def irregular_blob(radius, rng):
     return blob
 
 
+def draw_radius(rng, settings, voxel_size):
+    """A lesion radius in voxels, its diameter log-uniform between the settings' bounds (mm)."""
+    diameter = np.exp(rng.uniform(np.log(settings.min_diameter_mm), np.log(settings.max_diameter_mm)))
+    return diameter / 2.0 / voxel_size
+
+
 def add_lesions(image, brain, rng, voxel_size, count, settings=MIXED_SETTINGS):
     """Paint `count` "mixed" lesions into `image` (in place), inside `brain`; return the BraTS-style label map."""
     seg = np.zeros(image.shape, np.uint8)
@@ -176,8 +182,7 @@ def add_lesions(image, brain, rng, voxel_size, count, settings=MIXED_SETTINGS):
     depth = ndimage.distance_transform_edt(brain)
     median = float(np.median(image[brain]))
     for _ in range(count):
-        diameter = np.exp(rng.uniform(np.log(settings.min_diameter_mm), np.log(settings.max_diameter_mm)))
-        radius = diameter / 2.0 / voxel_size
+        radius = draw_radius(rng, settings, voxel_size)
         # deep enough that most of the lesion lies inside the brain
         candidates = np.flatnonzero(depth >= min(0.8 * radius + 1.0, depth.max()))
         center = np.unravel_index(rng.choice(candidates), image.shape)
@@ -247,8 +252,7 @@ def add_gliomas(image, brain, rng, voxel_size, count, settings=GLIOMA_SETTINGS):
     median = float(np.median(image[brain])) if brain.any() else 0.5
     tissue = brain & (image > 0.3 * median)  # not CSF: edema does not fill the ventricles
     for _ in range(count):
-        diameter = np.exp(rng.uniform(np.log(settings.min_diameter_mm), np.log(settings.max_diameter_mm)))
-        radius = diameter / 2.0 / voxel_size
+        radius = draw_radius(rng, settings, voxel_size)
         sites = glioma_sites(image, brain, voxel_size, radius)
         center = np.unravel_index(rng.choice(sites), image.shape)
         edema_blob = irregular_blob(radius, rng)

@@ -24,7 +24,6 @@ from ..cli import atomic_directory
 from ..metrics import dice_3d, evaluate_masks, summarize
 from .postprocess import MaskOptions, foreground_mask, normalize_map, otsu_separability, saliency_to_mask
 
-METRIC_COLUMNS = ("dice", "iou", "hd95")
 
 
 def evaluate_variant(maps, gts, images, options=MaskOptions()):
