@@ -49,9 +49,9 @@ def run(script, flags, extra):
     subprocess.run(command, check=True, cwd=ROOT)
 
 
-def export_half(train_dir, out_dir):
-    """Copy the final weights as float16 plus args.json to `out_dir/model.pt`."""
-    source = latest_checkpoint(train_dir, prefix="model")
+def export_half(train_dir, out_dir, prefix="model"):
+    """Copy the final weights (`prefix`NNNNNN.pt) as float16 plus args.json to `out_dir/model.pt`."""
+    source = latest_checkpoint(train_dir, prefix=prefix)
     if source is None:
         raise UserError(f"{train_dir}: no checkpoint to export")
     state = torch.load(source, map_location="cpu")
@@ -71,6 +71,8 @@ def main():
     parser.add_argument("--classifier_steps", type=int, default=700,
                         help="encoder classifier training steps (default: 700)")
     parser.add_argument("--resnet_steps", type=int, default=300, help="ResNet-18 (CAM) training steps (default: 300)")
+    parser.add_argument("--ddpm_weights", default="ema", choices=("ema", "raw"),
+                        help="which DDPM weights are shipped: the 0.999 EMA or the raw weights (default: ema)")
     parser.add_argument("--noise_range_study", type=str2bool, default=False,
                         help="also train the DDPM for --study_steps on t < T and t < 0.1 T (default: False)")
     parser.add_argument("--study_steps", type=int, default=300,
@@ -112,9 +114,9 @@ def main():
                  "--max_steps", str(args.study_steps), "--max_noise_level", str(level),
                  "--save_interval", str(args.study_steps), "--resume_checkpoint", "auto"],
             )
-    # Raw weights, not the EMA: after only 1000 steps an EMA at rate 0.999 still holds
-    # 0.999^1000 = 37% of the random initialisation, and it denoises far worse.
-    export_half(ddpm_dir, os.path.join(args.out_dir, "ddpm"))
+    # The EMA, measured on 32 training tumour slices after 1800 steps: CDM (tau 0) Dice 0.67 with the
+    # EMA at 0.999 against 0.44 with the raw weights.
+    export_half(ddpm_dir, os.path.join(args.out_dir, "ddpm"), prefix="ema_0.999_" if args.ddpm_weights == "ema" else "model")
     export_half(os.path.join(args.work_dir, "classifier"), os.path.join(args.out_dir, "classifier"))
     export_half(os.path.join(args.work_dir, "resnet18"), os.path.join(args.out_dir, "resnet18"))
 
