@@ -242,3 +242,24 @@ def test_mask_options_reach_the_report(setup, tmp_path):
     assert 0 <= summary["variants"]["tau_0.95"]["map_separability"] <= 1
     with pytest.raises(UserError, match="--smooth_sigma"):
         run(setup, tmp_path / "bad", "--smooth_sigma", "-1")
+
+
+def test_sigterm_during_segmentation_leaves_no_output(setup, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "stopped"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen(
+        [sys.executable, SCRIPT, "--src_dir", setup["slices"], "--model_path", setup["model"], "--method", "cdm",
+         "--noise_level", "95", "--steps", "90", "--batch_size", "1", "--out_dir", str(out)],
+        stderr=subprocess.PIPE, text=True, env=env)
+    seen = ""
+    deadline = time.time() + 120
+    while "batches" not in seen and time.time() < deadline:  # the maps are being computed
+        seen += process.stderr.read(1)
+    process.send_signal(signal.SIGTERM)
+    _, rest = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert "Traceback" not in seen + rest
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".stopped")]
