@@ -42,9 +42,10 @@ def test_ablation_points_match_direct_runs_and_choices_follow_the_rows(demo_like
     assert len(rows) == 16 + 4 + 4
     assert {r["method"] for r in rows} == {"cg-cdm", "cdm"}
     chosen = json.loads((out / "selection.json").read_text())
-    best = best_point(rows, "dice", "cg-cdm")
+    best = best_point(rows, "dice", "cg-cdm", max_steps=10)
     assert chosen["mask_tuned"]["training_dice"] == best["dice"] and chosen["n_training_images"] == 3
-    assert chosen["label_free"]["training_dice"] == best_point(rows, "separability", "cg-cdm")["dice"]
+    assert chosen["label_free"]["training_dice"] == best_point(rows, "separability", "cg-cdm", 10)["dice"]
+    assert chosen["mask_tuned_any_steps"]["training_dice"] == max(r["dice"] for r in rows if r["method"] == "cg-cdm")
     assert (out / "ablation.png").stat().st_size > 10000
     # one point of the R sweep (partial sums of a 3-step run) equals a direct 1-step image_p_seg run
     point = next(r for r in rows if r["sweep"] == "steps" and r["steps"] == 1 and r["tau"] == 0.0
@@ -92,3 +93,11 @@ def test_noise_range_table_reports_each_checkpoint(demo_like, tmp_path):
     assert float(lines[4].split("|")[3]) > 0
     with pytest.raises(UserError, match="--checkpoints"):
         study_command.noise_range_main(["--checkpoints", f"a:{tmp_path / 'none.pt'}"])
+
+
+def test_best_point_respects_the_method_and_the_step_cap():
+    rows = [{"method": "cg-cdm", "steps": 50, "dice": 0.9}, {"method": "cg-cdm", "steps": 10, "dice": 0.7},
+            {"method": "cg-cdm", "steps": 5, "dice": 0.7}, {"method": "cdm", "steps": 10, "dice": 0.95}]
+    assert best_point(rows, "dice", "cg-cdm") is rows[0]
+    assert best_point(rows, "dice", "cg-cdm", max_steps=10) is rows[2]  # a tie goes to fewer steps
+    assert best_point(rows, "dice") is rows[3]

@@ -117,9 +117,11 @@ def run_ablation(models, slices, grid=StudyGrid(), *, batch_size=32, seed=0, log
     return rows
 
 
-def best_point(rows, key, method=None):
-    """The row with the highest `key` (ties: fewer steps, then the earlier row)."""
-    candidates = [r for r in rows if method is None or r["method"] == method]
+def best_point(rows, key, method=None, max_steps=None):
+    """The row with the highest `key` among `method`'s rows with at most `max_steps` steps (ties: fewer
+    steps, then the earlier row)."""
+    candidates = [r for r in rows if (method is None or r["method"] == method)
+                  and (max_steps is None or r["steps"] <= max_steps)]
     return max(candidates, key=lambda r: (r[key], -r["steps"]))
 
 
@@ -143,16 +145,24 @@ def choose_postprocessing(models, slices, point, *, batch_size=32, seed=0, optio
     return best[0], rows
 
 
-def selection(rows, postprocessing, postprocessing_rows, n_images):
-    """The settings chosen on the training split, as saved in selection.json."""
+def selection(rows, postprocessing, postprocessing_rows, n_images, max_steps=None):
+    """The settings chosen on the training split, as saved in selection.json.
+
+    `max_steps` caps R (a time budget: segmentation time grows linearly with R); the best point
+    without the cap is recorded too (`mask_tuned_any_steps`).
+    """
     def settings_of(row):
         return {k: row[k] for k in ("noise_level", "steps", "tau", "classifier_scale")} | {"training_dice": row["dice"]}
 
     return {
         "n_training_images": n_images,
-        "mask_tuned": settings_of(best_point(rows, "dice", "cg-cdm")) | {"postprocessing": postprocessing.as_dict()},
-        "mask_tuned_cdm": settings_of(best_point(rows, "dice", "cdm")),
-        "label_free": settings_of(best_point(rows, "separability", "cg-cdm")) | {"postprocessing": MaskOptions().as_dict()},
+        "max_steps": max_steps,
+        "mask_tuned": settings_of(best_point(rows, "dice", "cg-cdm", max_steps))
+        | {"postprocessing": postprocessing.as_dict()},
+        "mask_tuned_any_steps": settings_of(best_point(rows, "dice", "cg-cdm")),
+        "mask_tuned_cdm": settings_of(best_point(rows, "dice", "cdm", max_steps)),
+        "label_free": settings_of(best_point(rows, "separability", "cg-cdm", max_steps))
+        | {"postprocessing": MaskOptions().as_dict()},
         "postprocessing_candidates": postprocessing_rows,
     }
 

@@ -44,6 +44,9 @@ def ablation_main(argv=None):
     parser.add_argument("--batch_size", type=int, default=32, help="images per batch (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the one noise draw (default: %(default)s)")
     parser.add_argument("--out_dir", default="runs/demo_study", help="where the study goes (default: %(default)s)")
+    parser.add_argument("--max_steps", type=int, default=10,
+                        help="the chosen settings use at most this many DDIM steps R: a time budget, since "
+                             "segmentation time grows linearly with R (0: no cap) (default: %(default)s)")
     grid = StudyGrid()
     for name, help_text in (("noise_levels", "noise levels Q of the R sweep, fractions of T"),
                             ("record_steps", "step counts R recorded in the R sweep (one run of the largest)"),
@@ -67,9 +70,10 @@ def ablation_main(argv=None):
     except ValueError as err:
         raise UserError(f"--src_dir {err}")
     rows = run_ablation(models, slices, grid, batch_size=args.batch_size, seed=args.seed)
-    options, option_rows = choose_postprocessing(models, slices, best_point(rows, "dice", "cg-cdm"),
+    max_steps = args.max_steps or None
+    options, option_rows = choose_postprocessing(models, slices, best_point(rows, "dice", "cg-cdm", max_steps),
                                                  batch_size=args.batch_size, seed=args.seed)
-    chosen = selection(rows, options, option_rows, len(slices))
+    chosen = selection(rows, options, option_rows, len(slices), max_steps)
     save_study(args.out_dir, rows, chosen)
     print(json.dumps({k: v for k, v in chosen.items() if k != "postprocessing_candidates"}, indent=1))
     print(f"wrote {args.out_dir}/ablation.json, ablation.png and selection.json")
