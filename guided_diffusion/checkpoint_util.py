@@ -7,13 +7,9 @@ command line may only repeat what the file says for anything that defines
 shapes or the diffusion, and a disagreement is a one-line error naming the flag.
 """
 
-import glob
 import json
 import os
-import re
 import sys
-
-import torch
 
 from . import dist_util
 from .cli import UserError, atomic_write_text
@@ -24,6 +20,7 @@ from .script_util import (
     diffusion_defaults,
     model_and_diffusion_defaults,
 )
+from .train.checkpoints import latest_checkpoint, load_weights, parse_step, read_checkpoint  # noqa: F401 (re-exported)
 
 ARGS_FILE = "args.json"
 
@@ -103,55 +100,6 @@ def check_same_diffusion(classifier_config, ddpm_config, classifier_source, ddpm
             )
 
 
-def read_checkpoint(path, flag, weights_only=True):
-    """`torch.load` of `path` on the CPU; any failure to read it is a UserError naming `flag` and the path.
-
-    A text file, an empty or truncated file, a folder or a file torch cannot unpickle all give one
-    line (torch itself raises KeyError, IndexError, EOFError, RuntimeError or UnpicklingError,
-    depending on the first bytes).
-    """
-    if os.path.isdir(path):
-        raise UserError(f"{flag} {path}: is a folder, not a checkpoint file")
-    if not os.path.isfile(path):
-        raise UserError(f"{flag} {path}: no such checkpoint file")
-    try:
-        return dist_util.load_state_dict(path, map_location="cpu", weights_only=weights_only)
-    except OSError as err:
-        raise UserError(f"{flag} {path}: cannot be read ({err.strerror or err})") from None
-    except Exception:
-        raise UserError(f"{flag} {path}: not a readable PyTorch checkpoint "
-                        f"(empty, truncated, or not a file written by torch.save)") from None
-
-
-def load_weights(module, path, flag):
-    """Load a state dict into `module`, turning an unreadable file or a shape or key mismatch into a UserError."""
-    if re.fullmatch(r"opt\d+\.pt", os.path.basename(path)) and os.path.isfile(path):
-        raise UserError(f"{flag} {path}: an optimizer file; give the model{parse_step(path):06d}.pt "
-                        f"(or ema_*.pt) of that step")
-    state = read_checkpoint(path, flag)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
-        raise UserError(f"{flag} {path}: expected a state dict of tensors, found {type(state).__name__}")
-    bad = [name for name, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise UserError(f"{flag} {path}: parameter {bad[0]} holds NaN or infinite values")
-    own = module.state_dict()
-    for name, tensor in state.items():
-        if name in own and own[name].shape != tensor.shape:
-            raise UserError(
-                f"{flag} {path}: parameter {name} has shape {tuple(tensor.shape)} but the configuration "
-                f"builds {tuple(own[name].shape)}"
-            )
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise UserError(f"{flag} {path}: checkpoint does not fit the configured network ({detail})")
-    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
-    return module
-
-
 def load_model_and_diffusion(model_path, args=None, explicit=(), device=None, flag="--model_path"):
     """Rebuild the DDPM saved at `model_path` from its args.json and load its weights (eval mode).
 
@@ -186,21 +134,3 @@ def load_classifier(classifier_path, args=None, explicit=(), device=None, flag="
         classifier.convert_to_fp16()
     classifier.to(device or dist_util.dev()).eval()
     return classifier, config
-
-
-_STEP_RE = re.compile(r"(\d+)\.pt$")
-
-
-def parse_step(path):
-    """The step number in `model000123.pt`-style names (0 when there is none)."""
-    match = _STEP_RE.search(os.path.basename(path))
-    return int(match.group(1)) if match else 0
-
-
-def latest_checkpoint(save_dir, prefix="model"):
-    """Newest `{prefix}NNNNNN.pt` in `save_dir`, or None."""
-    candidates = [
-        p for p in glob.glob(os.path.join(save_dir, f"{prefix}[0-9]*.pt")) if re.fullmatch(rf"{prefix}\d+\.pt", os.path.basename(p))
-    ]
-    return max(candidates, key=parse_step) if candidates else None
-

@@ -3,7 +3,7 @@
 The classifier sees images noised by the *DDPM's* diffusion (same T, schedule and timestep
 rescaling), and receives each timestep exactly as it will during guided sampling. Validation
 reports accuracy and AUROC overall and per quarter of the noise range (`_q0` least noisy ... `_q3`).
-Checkpointing, EMA, mixed precision and resume come from `train_util.TrainLoopBase`.
+Checkpointing, EMA, mixed precision and resume come from `train.loop.TrainLoopBase`.
 """
 
 import numpy as np
@@ -14,7 +14,7 @@ from scipy.stats import rankdata
 from . import dist_util, logger
 from .cli import UserError
 from .resample import LossAwareSampler, UniformSampler, timestep_limit
-from .train_util import TrainLoopBase, log_loss_dict
+from .train.loop import TrainLoopBase, log_loss_dict
 
 NUM_BUCKETS = 4
 

@@ -421,7 +421,7 @@ FLAG_HELP = {
     "use_checkpoint": "gradient checkpointing: less memory, slower",
     "use_scale_shift_norm": "inject the time/label embedding as a scale and shift of the group norm",
     "resblock_updown": "down/upsample with residual blocks instead of strided/upsampling convolutions",
-    "use_fp16": "run the UNet body in float16 (GPU)",
+    "use_fp16": "float16 (GPU): autocast with loss scaling when training, float16 weights when sampling",
     "use_new_attention_order": "split q/k/v before the heads (new order) instead of after (legacy)",
     "learn_sigma": "learn the reverse-process variance (hybrid loss with the variational bound)",
     "diffusion_steps": "number of diffusion steps T",
@@ -434,7 +434,7 @@ FLAG_HELP = {
     "model_type": "classifier network: encoder (half UNet), resnet18, resnet50 or resnet101",
     "resnet_keep_resolution": "ResNet without the stem's max-pool and with stride 1 in layer 4: its last feature map is "
     "1/8 of the image (8x8 at 64 px) instead of 1/32, so CAM maps are not limited by resolution",
-    "classifier_use_fp16": "run the classifier body in float16 (GPU)",
+    "classifier_use_fp16": "float16 (GPU): autocast with loss scaling when training, float16 weights when sampling",
     "classifier_width": "base width of the encoder classifier",
     "classifier_depth": "residual blocks per encoder level",
     "classifier_attention_resolutions": "feature-map sizes with self-attention in the encoder classifier",

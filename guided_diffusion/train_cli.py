@@ -41,14 +41,9 @@ from .script_util import (
     model_and_diffusion_defaults,
     str2bool,
 )
-from .train_util import (
-    AMP_CHOICES,
-    TrainLoop,
-    checkpoint_files,
-    parse_ema_rates,
-    resolve_amp,
-    resolve_resume_checkpoint,
-)
+from .train.checkpoints import checkpoint_files, resolve_resume_checkpoint, step_files
+from .train.loop import TrainLoop, parse_ema_rates
+from .train.precision import AMP_CHOICES, resolve_amp
 from .volumes import parse_int_list
 
 DATASETS = ("brats", "demo", "synapse")
@@ -75,7 +70,7 @@ TRAIN_HELP = {
     "save_interval": "write a checkpoint every this many steps (and always at the end)",
     "resume_checkpoint": "model{step}.pt to resume from, or 'auto' for the newest complete one in --save_dir",
     "amp": "mixed precision: auto (bf16/fp16 on GPU, none on CPU), none, fp16 (CUDA, loss scaling) or bf16",
-    "fp16_scale_growth": "log2 loss-scale growth per good step with --use_fp16",
+    "fp16_scale_growth": "log2 loss-scale growth per good step with float16 (the scale doubles after 1/x good steps)",
     "seed": "seed of the data order, timesteps and noise (a resumed run continues the same sequence)",
     "workers": "data-loading worker processes per training process",
     "channels_last": "channels-last memory format (can be faster on GPU)",
@@ -250,10 +245,10 @@ def check_save_dir(save_dir, resuming):
     except OSError as err:
         raise UserError(f"--save_dir {save_dir}: not writable ({err.strerror or err})") from None
     if os.path.isdir(save_dir):
-        existing = sorted(n for n in os.listdir(save_dir) if n.startswith("model") and n.endswith(".pt"))
+        existing = step_files(save_dir, "model")
         if existing and not resuming:
             raise UserError(
-                f"--save_dir {save_dir} already holds checkpoints ({existing[-1]}); continue that run with "
+                f"--save_dir {save_dir} already holds checkpoints ({os.path.basename(existing[-1])}); continue that run with "
                 f"--resume_checkpoint auto, or choose another --save_dir"
             )
 
@@ -299,7 +294,7 @@ def build_data(args, config, split, class_cond):
     (Z, 2, H, W) is read too: a slice is labelled 1 when one of those organ labels is present.
     """
     from .datasets import SliceDataset, VolumeSliceDataset, list_slices, resolve_split_dir
-    from .train_util import ShuffledBatches
+    from .train.stream import ShuffledBatches
 
     require_dir(args.src_dir, "--src_dir")
     if getattr(args, "class_index", "") and _holds_volumes(args.src_dir):

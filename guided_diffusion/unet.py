@@ -314,7 +314,8 @@ class UNetModel(_Encoder):
     :param image_size: training image size; must be divisible by 2**(len(channel_mult)-1).
     :param attention_resolutions: downsample factors at which attention is used.
     :param num_classes: if set, the model is class-conditional with `num_classes` labels.
-    :param use_fp16: recorded for the trainer / scripts, which call `convert_to_fp16()`.
+    :param use_fp16: recorded for the loaders, which call `convert_to_fp16()` for inference (training
+        maps it onto float16 autocast).
     :param num_heads_upsample: heads of the decoder's attention (-1: same as num_heads).
     """
 

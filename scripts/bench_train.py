@@ -47,7 +47,7 @@ class Variant:
         import torch
 
         from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
-        from guided_diffusion.train_util import TrainLoop
+        from guided_diffusion.train.loop import TrainLoop
 
         spec = CONFIGS[config_name]
         config = {**model_and_diffusion_defaults(), **spec["model"]}

@@ -157,12 +157,12 @@ def test_corrupt_files_of_a_resumed_run(tmp_path, capsys, data):
 
 
 def test_errors_after_start_up_leave_no_save_dir(tmp_path, capsys, data, monkeypatch):
-    from guided_diffusion import train_util
+    from guided_diffusion.train import loop
 
     def fail(self):
-        raise train_util.UserError("something the user can fix")
+        raise loop.UserError("something the user can fix")
 
-    monkeypatch.setattr(train_util.TrainLoop, "compute_loss", lambda self, *a: fail(self))
+    monkeypatch.setattr(loop.TrainLoop, "compute_loss", lambda self, *a: fail(self))
     status, err = ddpm_error(tmp_path, capsys, ["--src_dir", str(data)])
     assert_one_line_error(status, err, "something the user can fix")
 

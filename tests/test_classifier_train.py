@@ -19,7 +19,8 @@ from guided_diffusion.classifier_util import (
     timestep_model,
 )
 from guided_diffusion.script_util import create_classifier, create_gaussian_diffusion
-from guided_diffusion.train_util import ShuffledBatches, checkpoint_files
+from guided_diffusion.train.checkpoints import checkpoint_files
+from guided_diffusion.train.stream import ShuffledBatches
 
 TINY_ENCODER = dict(image_size=16, classifier_width=32, classifier_depth=1, classifier_attention_resolutions="8",
                     classifier_channel_mult="1,2", classifier_num_head_channels=32, classifier_pool="attention")

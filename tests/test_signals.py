@@ -131,7 +131,7 @@ def test_ctrl_c_stops_classifier_training_cleanly_and_resumes_exactly(tmp_path):
 
 
 def test_sigterm_to_the_main_process_alone(tmp_path, capsys, monkeypatch):
-    from guided_diffusion.train_util import TrainLoop
+    from guided_diffusion.train.loop import TrainLoop
     from test_train import run_cli
 
     data = write_slices(tmp_path / "data")

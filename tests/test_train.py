@@ -16,18 +16,11 @@ from guided_diffusion import logger
 from guided_diffusion.cli import UserError
 from guided_diffusion.resample import LossSecondMomentResampler
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
-from guided_diffusion.train_util import (
-    NonFiniteLossError,
-    ShuffledBatches,
-    TrainLoop,
-    TrainLoopBase,
-    annealed_lr,
-    checkpoint_files,
-    latest_complete_checkpoint,
-    plot_curves,
-    resolve_amp,
-    truncate_progress,
-)
+from guided_diffusion.train.checkpoints import checkpoint_files, latest_complete_checkpoint
+from guided_diffusion.train.loop import NonFiniteLossError, TrainLoop, TrainLoopBase, annealed_lr
+from guided_diffusion.train.plots import plot_curves, truncate_progress
+from guided_diffusion.train.precision import resolve_amp
+from guided_diffusion.train.stream import ShuffledBatches
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_UNET = dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
@@ -273,6 +266,13 @@ def test_amp_choices():
         resolve_amp("fp16", False, cpu)
     with pytest.raises(UserError, match="--use_fp16"):
         resolve_amp("bf16", True, cpu)
+    # --use_fp16 True is float16 autocast with loss scaling: a CUDA GPU, and no second kind of precision.
+    with pytest.raises(UserError, match="--use_fp16 True needs a CUDA GPU"):
+        resolve_amp("none", True, cpu)
+    cuda = torch.device("cuda")
+    assert resolve_amp("auto", True, cuda) == torch.float16
+    assert resolve_amp("none", True, cuda) == torch.float16
+    assert resolve_amp("fp16", True, cuda) == torch.float16
 
 
 # ---------------------------------------------------------------------------------------------

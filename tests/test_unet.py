@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-from guided_diffusion.fp16_util import MixedPrecisionTrainer
 from guided_diffusion.segment.cam import cam_target_layer
 from guided_diffusion.nn import checkpoint, mean_flat, timestep_embedding, update_ema, zero_module
 from guided_diffusion.unet import (
@@ -351,86 +350,6 @@ def test_encoder_has_no_label_embedding_and_fp16_round_trip():
     assert model.dtype == torch.float16
     model.convert_to_fp32()
     assert model.dtype == torch.float32
-
-
-# ----------------------------------------------------------------------------- MixedPrecisionTrainer
-
-
-def test_fp32_trainer_step_equals_plain_adamw():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(64, 2))
-    reference = copy.deepcopy(model)
-    x = torch.randn(5, 1, 6, 6)
-    trainer = MixedPrecisionTrainer(model=model, use_fp16=False)
-    opt = torch.optim.AdamW(trainer.master_params, lr=1e-2, weight_decay=0.1)
-    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
-
-    trainer.zero_grad()
-    trainer.backward(model(x).square().mean())
-    assert trainer.optimize(opt) is True
-    ref_opt.zero_grad()
-    reference(x).square().mean().backward()
-    expected_grad_norm = torch.cat([p.grad.flatten() for p in reference.parameters()]).norm().item()
-    expected_param_norm = torch.cat([p.flatten() for p in reference.parameters()]).norm().item()  # before the step
-    ref_opt.step()
-
-    for p, q in zip(model.parameters(), reference.parameters()):
-        assert torch.equal(p, q)
-    assert trainer.log_values["grad_norm"] == pytest.approx(expected_grad_norm, rel=1e-5)
-    assert trainer.log_values["param_norm"] == pytest.approx(expected_param_norm, rel=1e-5)
-
-
-def test_fp16_trainer_skips_overflow_and_lowers_loss_scale():
-    conv = nn.Conv2d(1, 1, 1)
-    with torch.no_grad():
-        conv.weight.fill_(0.1 + 1e-5)  # not representable in float16
-        conv.bias.fill_(-0.2)
-    reference = copy.deepcopy(conv)
-    trainer = MixedPrecisionTrainer(model=conv, use_fp16=True, fp16_scale_growth=1e-3)
-    assert conv.weight.dtype == torch.float16 and trainer.master_params[0].dtype == torch.float32
-    opt = torch.optim.AdamW(trainer.master_params, lr=1e-2, weight_decay=0.0)
-    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.0)
-
-    # d loss / d param = 1, so the fp16 gradient is 2**lg_loss_scale: it overflows (> 65504) until the
-    # scale reaches 2**15, after five skipped steps.
-    skipped = 0
-    while True:
-        trainer.zero_grad()
-        trainer.backward(sum(p.float().sum() for p in conv.parameters()))
-        if trainer.optimize(opt):
-            break
-        skipped += 1
-        assert torch.equal(trainer.master_params[0], reference.weight)  # nothing moved
-    assert skipped == 5
-    assert trainer.lg_loss_scale == pytest.approx(15 + 1e-3)
-    assert trainer.log_values["grad_norm"] == pytest.approx(math.sqrt(2))
-
-    ref_opt.zero_grad()
-    sum(p.sum() for p in reference.parameters()).backward()
-    ref_opt.step()
-    for master, ref, param in zip(trainer.master_params, reference.parameters(), conv.parameters()):
-        assert torch.allclose(master, ref, atol=1e-7)
-        assert torch.equal(param, master.half())
-
-    state = trainer.master_params_to_state_dict(trainer.master_params)
-    assert state["weight"].dtype == torch.float32
-    assert torch.equal(state["weight"], trainer.master_params[0])
-    restored = trainer.state_dict_to_master_params(state)
-    assert all(torch.equal(a, b) for a, b in zip(restored, trainer.master_params))
-
-
-def test_fp16_trainer_skips_non_finite_gradient():
-    model = nn.Conv2d(1, 2, 3)
-    trainer = MixedPrecisionTrainer(model=model, use_fp16=True, initial_lg_loss_scale=4)
-    before = [p.clone() for p in trainer.master_params]
-    opt = torch.optim.AdamW(trainer.master_params, lr=1e-2)
-    trainer.zero_grad()
-    trainer.backward(sum(p.float().sum() for p in model.parameters()))
-    model.bias.grad[0] = float("nan")
-    assert trainer.optimize(opt) is False
-    assert trainer.lg_loss_scale == 3
-    assert all(torch.equal(a, b) for a, b in zip(before, trainer.master_params))
-    assert all(p.grad is None for p in model.parameters())
 
 
 def test_use_checkpoint_routes_blocks_through_torch_checkpoint(monkeypatch):
