@@ -21,10 +21,7 @@ NUM_BUCKETS = 4
 
 def timestep_model(model, diffusion):
     """`f(x, t)` calling `model` with t mapped and rescaled the way the diffusion feeds its networks."""
-    wrap = getattr(diffusion, "_wrap_model", None)
-    if wrap is not None:
-        return wrap(model)
-    return lambda x, t, **kwargs: model(x, diffusion._scale_timesteps(t), **kwargs)
+    return diffusion.wrap_model(model)
 
 
 def noise_bucket(t, num_timesteps, buckets=NUM_BUCKETS):

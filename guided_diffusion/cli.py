@@ -196,15 +196,6 @@ def require_dir(path, flag):
     return path
 
 
-def require_file(path, flag):
-    """Raise a UserError naming `flag` unless `path` is an existing file."""
-    if not path:
-        raise UserError(f"{flag} is required")
-    if not os.path.isfile(path):
-        raise UserError(f"{flag} {path}: no such file")
-    return path
-
-
 @contextlib.contextmanager
 def removed_on_failure(directory, keep=None, flag=None):
     """Create `directory`; if the block fails, remove what was created in it, and it if it is new.

@@ -6,8 +6,9 @@ An image's label comes from its folder (normal = 0, tumor = 1); its mask, when t
 one, is the file of the same stem in the split's `seg/` folder. Items are dicts:
 image float32 (C, H, W) in [-1, 1], label int64 scalar, mask float32 (1, H, W) in {0, 1}
 (all zeros when the image has none), has_mask bool, name (file name) and path.
-Everything is in sorted order; process k of n takes items k, k + n, k + 2n, ...
-Masks are only read for evaluation: training uses the image-level labels alone.
+Everything is in sorted order. Batches for training come from `train.stream.ShuffledBatches`,
+which also gives each process its share. Masks are only read for evaluation: training uses the
+image-level labels alone.
 """
 
 import os
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .cli import UserError
-from .volumes import CLASSES, read_manifest
+from .volumes import CLASSES
 
 SPLIT_DIRS = {"training": ("training",), "validation": ("validation", "validate")}
 PIL_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -156,17 +157,14 @@ class SliceDataset(torch.utils.data.Dataset):
 
     files: optional list of paths or (path, label) pairs (e.g. from `select_fold`) instead of the
     whole split. require_masks: every tumor image must have a mask (evaluation); normal images
-    without one are taken as lesion-free. Item i of the list goes to shard i % num_shards.
+    without one are taken as lesion-free.
     """
 
-    def __init__(self, root, split="training", image_size=None, in_channels=1, require_masks=False, files=None,
-                 shard=0, num_shards=1):
+    def __init__(self, root, split="training", image_size=None, in_channels=1, require_masks=False, files=None):
         if files is None:
             files = list_slices(root, split)
         items = [(f, _label_of(f)) if isinstance(f, (str, os.PathLike)) else (f[0], int(f[1])) for f in files]
-        if not 0 <= shard < num_shards:
-            raise ValueError(f"shard {shard} is not in 0..{num_shards - 1}")
-        self.items = [(os.fspath(p), label) for p, label in items][shard::num_shards]
+        self.items = [(os.fspath(p), label) for p, label in items]
         self.image_size = image_size
         self.in_channels = in_channels
         self._seg_cache = {}
@@ -234,7 +232,7 @@ class VolumeSliceDataset(torch.utils.data.Dataset):
     kidneys, i.e. class_indices=(2, 3)). Items as in `SliceDataset`.
     """
 
-    def __init__(self, volume_dir, files=None, image_size=128, class_indices=(1,), shard=0, num_shards=1):
+    def __init__(self, volume_dir, files=None, image_size=128, class_indices=(1,)):
         if not os.path.isdir(volume_dir):
             raise UserError(f"--src_dir {volume_dir}: no such directory")
         files = sorted(files if files is not None else (f for f in os.listdir(volume_dir) if f.endswith(".npy")))
@@ -252,7 +250,6 @@ class VolumeSliceDataset(torch.utils.data.Dataset):
             self.volumes[name], self.paths[name] = volume, path
             present = np.isin(np.asarray(volume[:, 1]).astype(np.int64), class_indices).any(axis=(1, 2))
             self.items += [(name, z, int(present[z])) for z in range(volume.shape[0])]
-        self.items = self.items[shard::num_shards]
         self.image_size = image_size
         self.class_indices = tuple(class_indices)
 
@@ -274,54 +271,3 @@ class VolumeSliceDataset(torch.utils.data.Dataset):
             mask = _resize(mask, self.image_size, nearest=True)
         return dict(image=image * 2.0 - 1.0, label=torch.tensor(label, dtype=torch.int64), mask=mask,
                     has_mask=True, name=f"{os.path.splitext(name)[0]}_z{z:03d}", path=self.paths[name])
-
-
-def iterate_batches(dataset, *, batch_size, class_cond=True, deterministic=False, seed=0):
-    """Endless (images (B, C, H, W), {"y": labels (B,)}) batches; "y" only when class_cond.
-
-    Reshuffled every epoch by a generator seeded with `seed` (sequential if deterministic);
-    the last incomplete batch of an epoch is dropped.
-    """
-    if len(dataset) < batch_size:
-        raise UserError(f"--batch_size {batch_size} is larger than the {len(dataset)} images of this process")
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        if deterministic:
-            order = list(range(len(dataset)))
-        else:
-            order = torch.randperm(len(dataset), generator=generator).tolist()
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            items = [dataset[i] for i in order[start:start + batch_size]]
-            images = torch.stack([item["image"] for item in items])
-            cond = {"y": torch.stack([item["label"] for item in items])} if class_cond else {}
-            yield images, cond
-
-
-def load_data(*, data_dir, batch_size, image_size, in_channels=1, class_cond=True, deterministic=False, shard=0,
-              num_shards=1, split="training", seed=0):
-    """Endless DDPM training batches from the slice layout (openai style): see `iterate_batches`.
-
-    class_cond needs both normal and tumor images; the process `shard` of `num_shards` sees
-    its own share of the sorted files.
-    """
-    files = list_slices(data_dir, split)
-    if class_cond:
-        present = {label for _, label in files}
-        for label, name in enumerate(CLASSES):
-            if label not in present:
-                folder = os.path.join(resolve_split_dir(data_dir, split), name)
-                raise UserError(f"{folder}: no images; class-conditional training needs both normal and tumor "
-                                f"slices (or pass --class_cond False)")
-    if len(files) < num_shards:
-        raise UserError(f"--src_dir {data_dir}: {len(files)} images cannot be shared by {num_shards} processes")
-    dataset = SliceDataset(data_dir, split, image_size=image_size, in_channels=in_channels, files=files,
-                           shard=shard, num_shards=num_shards)
-    return iterate_batches(dataset, batch_size=batch_size, class_cond=class_cond, deterministic=deterministic,
-                           seed=seed)
-
-
-def load_volume_manifest(root):
-    """Rows of ROOT/manifest.csv (one per slice: file, split, label, subject, slice_index, lesion_pixels,
-    mask, source, seg_source, x0, x1, y0, y1) for putting slice predictions back into volumes
-    (see `volumes.paste_slices`)."""
-    return read_manifest(root)

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .cli import UserError
 from .losses import discretized_gaussian_log_likelihood, normal_kl
+from .nn import mean_flat
 
 
 class FlagValueError(UserError, ValueError):
@@ -74,11 +75,6 @@ class LossType(enum.Enum):
 
     def is_vb(self):
         return self in (LossType.KL, LossType.RESCALED_KL)
-
-
-def mean_flat(tensor):
-    """Mean over every dimension except the batch."""
-    return tensor.mean(dim=tuple(range(1, tensor.ndim)))
 
 
 def _extract_into_tensor(arr, timesteps, broadcast_shape):
@@ -162,11 +158,14 @@ class GaussianDiffusion:
 
     # ----- reverse process ------------------------------------------------------------------------
 
-    def _scale_timesteps(self, t):
-        """The timestep values the model sees: t, or t·1000/T as float when rescale_timesteps."""
-        if self.rescale_timesteps:
-            return t.float() * (1000.0 / self.num_timesteps)
-        return t
+    def wrap_model(self, model):
+        """`model` (or a `cond_fn`) as this diffusion calls it: `f(x, t, **kwargs)` with `t` this
+        diffusion's timestep index, handed on as the timestep the network was trained with (t, or
+        t·1000/T as float when rescale_timesteps; respacing maps to the original step first).
+        Wrapping a wrapped model returns it unchanged."""
+        if isinstance(model, TimestepModel):
+            return model
+        return TimestepModel(model, None, self.rescale_timesteps, self.num_timesteps)
 
     def _predict_xstart_from_eps(self, x_t, t, eps):
         return (
@@ -195,7 +194,7 @@ class GaussianDiffusion:
         if model_kwargs is None:
             model_kwargs = {}
         batch, channels = x.shape[:2]
-        model_output = model(x, self._scale_timesteps(t), **model_kwargs)
+        model_output = self.wrap_model(model)(x, t, **model_kwargs)
 
         if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
             expected = (batch, channels * 2, *x.shape[2:])
@@ -244,7 +243,7 @@ class GaussianDiffusion:
         """Guided ancestral mean: μ + Σ·g with g = cond_fn(x, t, **model_kwargs) (Dhariwal & Nichol)."""
         if model_kwargs is None:
             model_kwargs = {}
-        gradient = cond_fn(x, self._scale_timesteps(t), **model_kwargs)
+        gradient = self.wrap_model(cond_fn)(x, t, **model_kwargs)
         return p_mean_var["mean"] + p_mean_var["variance"] * gradient
 
     def condition_score(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
@@ -256,7 +255,7 @@ class GaussianDiffusion:
             model_kwargs = {}
         alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, x.shape)
         eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
-        eps = eps - th.sqrt(1 - alpha_bar) * cond_fn(x, self._scale_timesteps(t), **model_kwargs)
+        eps = eps - th.sqrt(1 - alpha_bar) * self.wrap_model(cond_fn)(x, t, **model_kwargs)
         out = dict(p_mean_var)
         out["pred_xstart"] = self._predict_xstart_from_eps(x, t, eps)
         out["mean"], _, _ = self.q_posterior_mean_variance(out["pred_xstart"], x, t)
@@ -404,7 +403,7 @@ class GaussianDiffusion:
                 terms["loss"] = terms["loss"] * self.num_timesteps
             return terms
 
-        model_output = model(x_t, self._scale_timesteps(t), **model_kwargs)
+        model_output = self.wrap_model(model)(x_t, t, **model_kwargs)
         if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
             channels = x_t.shape[1]
             if model_output.shape[1] != 2 * channels:
@@ -467,3 +466,22 @@ class GaussianDiffusion:
             "xstart_mse": xstart_mse,
             "mse": mse,
         }
+
+
+class TimestepModel:
+    """Calls `model(x, t_model, **kwargs)` with t_model the trained timestep of diffusion index t:
+    `timestep_map[t]` when respaced (else t itself), times 1000/`original_num_steps` as float when
+    `rescale_timesteps`."""
+
+    def __init__(self, model, timestep_map, rescale_timesteps, original_num_steps):
+        self.model = model
+        self.timestep_map = timestep_map
+        self.rescale_timesteps = rescale_timesteps
+        self.original_num_steps = original_num_steps
+
+    def __call__(self, x, ts, **kwargs):
+        if self.timestep_map is not None:
+            ts = self.timestep_map.to(ts.device)[ts.long()]
+        if self.rescale_timesteps:
+            ts = ts.float() * (1000.0 / self.original_num_steps)
+        return self.model(x, ts, **kwargs)

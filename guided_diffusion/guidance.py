@@ -8,6 +8,24 @@ import torch
 import torch.nn.functional as F
 
 
+def num_classes_of(model):
+    """The number of classes a (class-conditional) UNet takes as `y`; None for an unconditional one."""
+    return getattr(model, "num_classes", None)
+
+
+def label_model(model, conditional=None):
+    """The UNet as the diffusion calls it: drops `guide_y` (meant for cond_fn) and, for an
+    unconditional model, `y` (an unconditional DDPM guided toward a class by a classifier).
+    `conditional` defaults to whether the model has classes (`num_classes_of`)."""
+    if conditional is None:
+        conditional = num_classes_of(model) is not None
+
+    def call(x, t, y=None, guide_y=None, **kwargs):
+        return model(x, t, y=y, **kwargs) if conditional else model(x, t, **kwargs)
+
+    return call
+
+
 def classifier_log_prob_gradient(classifier, x, t, target):
     """d/dx of sum_i log p(target_i | x_i, t_i).
 

@@ -44,13 +44,6 @@ def zero_module(module):
     return module
 
 
-def scale_module(module, scale):
-    """Multiply every parameter of `module` by `scale` and return it."""
-    for p in module.parameters():
-        p.detach().mul_(scale)
-    return module
-
-
 def mean_flat(tensor):
     """Mean over all dimensions except the batch dimension."""
     return tensor.mean(dim=list(range(1, tensor.ndim)))

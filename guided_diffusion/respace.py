@@ -3,7 +3,7 @@
 import numpy as np
 import torch as th
 
-from .gaussian_diffusion import FlagValueError, GaussianDiffusion
+from .gaussian_diffusion import FlagValueError, GaussianDiffusion, TimestepModel
 
 
 def space_timesteps(num_timesteps, section_counts):
@@ -88,39 +88,7 @@ class SpacedDiffusion(GaussianDiffusion):
         self.timestep_map = th.tensor(kept, dtype=th.long)
         super().__init__(**kwargs)
 
-    def p_mean_variance(self, model, *args, **kwargs):
-        return super().p_mean_variance(self._wrap_model(model), *args, **kwargs)
-
-    def training_losses(self, model, *args, **kwargs):
-        return super().training_losses(self._wrap_model(model), *args, **kwargs)
-
-    def condition_mean(self, cond_fn, *args, **kwargs):
-        return super().condition_mean(self._wrap_model(cond_fn), *args, **kwargs)
-
-    def condition_score(self, cond_fn, *args, **kwargs):
-        return super().condition_score(self._wrap_model(cond_fn), *args, **kwargs)
-
-    def _wrap_model(self, model):
-        if isinstance(model, _WrappedModel):
+    def wrap_model(self, model):
+        if isinstance(model, TimestepModel):
             return model
-        return _WrappedModel(model, self.timestep_map, self.rescale_timesteps, self.original_num_steps)
-
-    def _scale_timesteps(self, t):
-        # The wrapper maps and scales; the timesteps it receives are respaced indices.
-        return t
-
-
-class _WrappedModel:
-    """Calls `model(x, k_t, **kwargs)` with the original timestep k_t of respaced index t."""
-
-    def __init__(self, model, timestep_map, rescale_timesteps, original_num_steps):
-        self.model = model
-        self.timestep_map = timestep_map
-        self.rescale_timesteps = rescale_timesteps
-        self.original_num_steps = original_num_steps
-
-    def __call__(self, x, ts, **kwargs):
-        original_ts = self.timestep_map.to(ts.device)[ts.long()]
-        if self.rescale_timesteps:
-            original_ts = original_ts.float() * (1000.0 / self.original_num_steps)
-        return self.model(x, original_ts, **kwargs)
+        return TimestepModel(model, self.timestep_map, self.rescale_timesteps, self.original_num_steps)

@@ -29,16 +29,16 @@ from .checkpoint_util import (
     read_args_json,
 )
 from .cli import ArgumentParser, UserError, atomic_path, removed_on_failure
-from .guidance import make_classifier_cond_fn
+from .guidance import label_model, make_classifier_cond_fn
 from .script_util import add_dict_to_argparser, classifier_defaults, model_and_diffusion_defaults, str2bool
+from .volumes import to_uint8
 
 DEFAULT_CLASS_NAMES = ("normal", "tumor")
 
 
-def to_uint8(x):
+def images_to_uint8(x):
     """Images in [-1, 1] as an (N, C, H, W) tensor → uint8 NHWC numpy array in 0..255 (rounded, clipped)."""
-    x = ((x.detach().float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    return to_uint8(x.detach().float().permute(0, 2, 3, 1).cpu().numpy(), low=-1.0, high=1.0)
 
 
 def balanced_labels(num_samples, num_classes, seed):
@@ -61,15 +61,6 @@ def rank_share(num_samples, rank, world_size):
 def rank_seed(seed, rank):
     """An independent 32-bit seed for each (seed, rank) pair."""
     return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
-
-
-def _without_labels(model):
-    """The model called without `y`: an unconditional DDPM guided toward a class by a classifier."""
-
-    def model_fn(x, t, y=None, **kwargs):
-        return model(x, t, **kwargs)
-
-    return model_fn
 
 
 def sample_images(
@@ -110,7 +101,7 @@ def sample_images(
             all_labels = balanced_labels(num_samples, num_classes, seed)
         else:
             all_labels = np.full(num_samples, int(class_label), dtype=np.int64)
-    model_fn = model if class_cond or not uses_labels else _without_labels(model)
+    model_fn = label_model(model, conditional=class_cond)  # an unconditional model guided toward a class takes no `y`
     loop = diffusion.ddim_sample_loop_progressive if use_ddim else diffusion.p_sample_loop_progressive
     extra = {"eta": eta} if use_ddim else {}
 
@@ -134,7 +125,7 @@ def sample_images(
                 for out in loop(model_fn, noise.shape, noise=noise, clip_denoised=clip_denoised, cond_fn=cond_fn,
                                 model_kwargs=model_kwargs, device=device, **extra):
                     bar.update(1)
-                images.append(to_uint8(out["sample"]))
+                images.append(images_to_uint8(out["sample"]))
     except BaseException:
         bar.leave = False  # erase the bar: the error (or the stop) is the line the user sees
         raise

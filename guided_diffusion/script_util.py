@@ -90,11 +90,6 @@ def classifier_and_diffusion_defaults():
     return dict(**classifier_defaults(), **diffusion_defaults())
 
 
-def diffusion_config(args_dict):
-    """The diffusion part of a flat flag dict: what must agree between a DDPM and its classifier."""
-    return {k: args_dict[k] for k in diffusion_defaults() if k in args_dict}
-
-
 # ---------------------------------------------------------------------------------------------
 # Shape checks that name the flag
 
@@ -282,13 +277,6 @@ def create_model(
     )
 
 
-def create_classifier_and_diffusion(**config):
-    """(classifier, diffusion) from exactly the keys of `classifier_and_diffusion_defaults()`."""
-    _require_keys(config, classifier_and_diffusion_defaults(), "create_classifier_and_diffusion")
-    classifier = create_classifier(**{k: v for k, v in config.items() if k not in diffusion_defaults()})
-    return classifier, diffusion_from_config(config)
-
-
 def create_classifier(
     image_size,
     in_channels=1,
@@ -457,10 +445,6 @@ def add_dict_to_argparser(parser, default_dict):
         names = [f"--{key}"] + FLAG_ALIASES.get(key, [])
         help_text = FLAG_HELP.get(key, "")
         parser.add_argument(*names, dest=key, default=value, type=value_type, help=f"{help_text} (default: {value})")
-
-
-def args_to_dict(args, keys):
-    return {k: getattr(args, k) for k in keys}
 
 
 def str2bool(value):

@@ -35,9 +35,9 @@ from .script_util import (
     add_dict_to_argparser,
     classifier_and_diffusion_defaults,
     create_classifier,
-    create_gaussian_diffusion,
     create_model_and_diffusion,
     diffusion_defaults,
+    diffusion_from_config,
     model_and_diffusion_defaults,
     str2bool,
 )
@@ -251,12 +251,6 @@ def check_save_dir(save_dir, resuming):
                 f"--save_dir {save_dir} already holds checkpoints ({os.path.basename(existing[-1])}); continue that run with "
                 f"--resume_checkpoint auto, or choose another --save_dir"
             )
-
-
-def prepare_save_dir(save_dir, resuming):
-    """Check `save_dir` (see `check_save_dir`) and create it."""
-    check_save_dir(save_dir, resuming)
-    os.makedirs(save_dir, exist_ok=True)
 
 
 def config_from_flags(args, explicit, keys):
@@ -477,11 +471,7 @@ def classifier_main(argv=None, *, description, **overrides):
     classifier_keys = [k for k in classifier_and_diffusion_defaults() if k not in diffusion_defaults()]
     torch.manual_seed(args.seed)
     model = create_classifier(**{k: config[k] for k in classifier_keys})
-    diffusion = create_gaussian_diffusion(
-        steps=config["diffusion_steps"], learn_sigma=config["learn_sigma"], noise_schedule=config["noise_schedule"],
-        use_kl=config["use_kl"], predict_xstart=config["predict_xstart"],
-        rescale_timesteps=config["rescale_timesteps"], rescale_learned_sigmas=config["rescale_learned_sigmas"],
-    )
+    diffusion = diffusion_from_config(config)  # the full chain: classifier_config clears the respacing
     sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion, args.max_noise_level)
     resolve_amp(args.amp, config["classifier_use_fp16"], dist_util.dev())
 

@@ -529,13 +529,6 @@ class EncoderUNetModel(_Encoder):
         self.input_blocks.apply(convert_module_to_f32)
         self.middle_block.apply(convert_module_to_f32)
 
-    @property
-    def cam_target_layer(self):
-        """The last module whose output is the spatial feature map before pooling (for Grad-CAM)."""
-        if self.pool in ("adaptive", "attention"):
-            return self.out[1]
-        return self.middle_block
-
     def forward(self, x, timesteps=None):
         """Class logits (B, out_channels) for x at `timesteps` (None: t=0)."""
         emb = self._time_embedding(x, timesteps)

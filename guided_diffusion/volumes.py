@@ -262,9 +262,10 @@ def resize2d(image, shape, nearest=False):
     return np.asarray(pil.resize((shape[1], shape[0]), resample), dtype=np.float32)
 
 
-def to_uint8(image01):
-    """[0, 1] floats -> 0..255 bytes (rounded)."""
-    return np.rint(np.clip(image01, 0.0, 1.0) * 255.0).astype(np.uint8)
+def to_uint8(image, low=0.0, high=1.0):
+    """Floats in [low, high] (default [0, 1]; [-1, 1] for model images) -> 0..255 bytes, rounded
+    half to even and clipped."""
+    return np.rint(np.clip((np.asarray(image) - low) * (255.0 / (high - low)), 0.0, 255.0)).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------- slicing

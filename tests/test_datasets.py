@@ -1,4 +1,4 @@
-"""Tests for guided_diffusion.datasets: the slice layout loaders, folds, shards and batches.
+"""Tests for guided_diffusion.datasets: the slice layout loaders and folds, and training batches over them.
 
 Images are written with known pixel values, so every number the loader returns can be
 predicted exactly (PIL is the independent reference for resizing).
@@ -13,6 +13,7 @@ from PIL import Image
 
 from guided_diffusion import datasets, volumes
 from guided_diffusion.cli import UserError
+from guided_diffusion.train.stream import ShuffledBatches
 
 
 def save_png(path, array, mode=None):
@@ -141,12 +142,13 @@ def test_corrupt_image(tmp_path):
         datasets.SliceDataset(str(tmp_path))[5]
 
 
-def test_shards_partition_the_sorted_list(tmp_path):
-    make_layout(str(tmp_path), normal=6, tumor=5)
-    everything = [item["name"] for item in datasets.SliceDataset(str(tmp_path))]
-    shards = [[item["name"] for item in datasets.SliceDataset(str(tmp_path), shard=k, num_shards=3)] for k in range(3)]
-    for k, names in enumerate(shards):
-        assert names == everything[k::3]
+def test_processes_share_each_epoch_of_the_sorted_list(tmp_path):
+    make_layout(str(tmp_path), normal=6, tumor=6)
+    data = datasets.SliceDataset(str(tmp_path))
+    everything = [item["name"] for item in data]
+    assert everything == sorted(everything)
+    ranks = [ShuffledBatches(data, 2, seed=3, rank=k, world_size=3) for k in range(3)]
+    shards = [[everything[i] for b in range(2) for i in r.indices(b)] for r in ranks]  # one epoch: 2 global batches
     assert sorted(sum(shards, [])) == sorted(everything)
 
 
@@ -166,9 +168,14 @@ def test_select_fold():
         datasets.select_fold(items[:2], 0, 4)
 
 
-def test_load_data_batches(tmp_path):
+def slice_batches(root, batch_size, image_size, seed=0, class_cond=True):
+    data = datasets.SliceDataset(root, image_size=image_size)
+    return ShuffledBatches(data, batch_size, seed=seed, rank=0, world_size=1, class_cond=class_cond)
+
+
+def test_training_batches(tmp_path):
     values = make_layout(str(tmp_path), normal=6, tumor=4)
-    stream = datasets.load_data(data_dir=str(tmp_path), batch_size=4, image_size=4, seed=1)
+    stream = slice_batches(str(tmp_path), batch_size=4, image_size=4, seed=1)
     epochs = []
     for _ in range(3):
         seen = []
@@ -181,23 +188,29 @@ def test_load_data_batches(tmp_path):
         assert len(set(seen)) == 8 and set(seen) <= set(values.values())
         epochs.append(seen)
     assert epochs[0] != epochs[1]  # reshuffled every epoch
-    again = datasets.load_data(data_dir=str(tmp_path), batch_size=4, image_size=4, seed=1)
-    assert next(again)[0].equal(next(datasets.load_data(data_dir=str(tmp_path), batch_size=4, image_size=4, seed=1))[0])
-    ordered = datasets.load_data(data_dir=str(tmp_path), batch_size=5, image_size=4, deterministic=True,
-                                 class_cond=False)
+    again = slice_batches(str(tmp_path), batch_size=4, image_size=4, seed=1)
+    assert next(again)[0].equal(next(slice_batches(str(tmp_path), batch_size=4, image_size=4, seed=1))[0])
+    ordered = slice_batches(str(tmp_path), batch_size=5, image_size=4, class_cond=False)
     images, cond = next(ordered)
-    assert cond == {} and ((images[:, 0, 0, 0] + 1) * 127.5).round().tolist() == [10, 11, 12, 13, 14]
+    in_order = [values[name] for name in sorted(values)]  # the dataset's sorted order
+    assert cond == {} and ((images[:, 0, 0, 0] + 1) * 127.5).round().tolist() == [in_order[i] for i in ordered.indices(0)]
 
 
-def test_load_data_needs_both_classes_and_enough_images(tmp_path):
+def test_training_data_needs_both_classes_and_enough_images(tmp_path):
+    from argparse import Namespace
+
+    from guided_diffusion.train_cli import build_data
+
     make_layout(str(tmp_path), tumor=0)
-    with pytest.raises(UserError, match=f"{tmp_path / 'training' / 'tumor'}: no images; class-conditional"):
-        datasets.load_data(data_dir=str(tmp_path), batch_size=2, image_size=8)
-    next(datasets.load_data(data_dir=str(tmp_path), batch_size=2, image_size=8, class_cond=False))
+    args = Namespace(src_dir=str(tmp_path), batch_size=2, seed=0, workers=0)
+    config = dict(image_size=8, in_channels=1, num_classes=2)
+    with pytest.raises(UserError, match=f"{tmp_path / 'training' / 'tumor'} holds no images, but a class-conditional"):
+        build_data(args, config, "training", class_cond=True)
+    next(build_data(args, config, "training", class_cond=False))
     with pytest.raises(UserError, match="no images"):
         datasets.SliceDataset(str(tmp_path), files=datasets.list_slices(str(tmp_path), "training", classes=("tumor",)))
     with pytest.raises(UserError, match="--batch_size 5"):
-        next(datasets.load_data(data_dir=str(tmp_path), batch_size=5, image_size=8, class_cond=False))
+        next(slice_batches(str(tmp_path), batch_size=5, image_size=8, class_cond=False))
 
 
 def test_fold_of_tumor_slices_feeds_the_dataset(tmp_path):
@@ -208,18 +221,18 @@ def test_fold_of_tumor_slices_feeds_the_dataset(tmp_path):
     assert all(item["label"].item() == 1 and item["has_mask"] for item in data)
 
 
-def test_load_volume_manifest(tmp_path):
+def test_read_volume_manifest(tmp_path):
     with pytest.raises(UserError, match="manifest.csv: no such file"):
-        datasets.load_volume_manifest(str(tmp_path))
+        volumes.read_manifest(str(tmp_path))
     row = dict(file="training/tumor/s_z003.png", split="training", label="tumor", subject="s", slice_index=3,
                lesion_pixels=12, mask="training/seg/s_z003.png", source="/v.nii.gz", seg_source="/s.nii.gz",
                x0=-2, x1=30, y0=0, y1=32)
     (tmp_path / "manifest.csv").write_text(",".join(volumes.MANIFEST_FIELDS) + "\n" +
                                            ",".join(str(row[k]) for k in volumes.MANIFEST_FIELDS) + "\n")
-    assert datasets.load_volume_manifest(str(tmp_path)) == [row]
+    assert volumes.read_manifest(str(tmp_path)) == [row]
     (tmp_path / "manifest.csv").write_text("file,split\nx,y\n")
     with pytest.raises(UserError, match="not a slice manifest"):
-        datasets.load_volume_manifest(str(tmp_path))
+        volumes.read_manifest(str(tmp_path))
 
 
 def test_abdominal_volume_slices(tmp_path):
@@ -235,5 +248,6 @@ def test_abdominal_volume_slices(tmp_path):
     assert item["name"] == "case1_z003" and item["image"].shape == (1, 8, 8)
     assert item["image"].min() >= -1 and item["image"].max() <= 1
     assert item["mask"].sum() == 4 and item["mask"][0, 4:6, 4:6].sum() == 4
-    batch = next(datasets.iterate_batches(data, batch_size=5, deterministic=True))
-    assert batch[1]["y"].tolist() == [0, 1, 0, 1, 0]
+    stream = ShuffledBatches(data, 5, rank=0, world_size=1)
+    batch = next(stream)
+    assert batch[1]["y"].tolist() == [[0, 1, 0, 1, 0][i] for i in stream.indices(0)]

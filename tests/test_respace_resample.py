@@ -145,8 +145,8 @@ def test_wrapper_maps_timesteps_and_forwards_kwargs(rescale):
     for t, y in cond_seen:
         assert th.equal(t, expected) and y is soft_y
     # Wrapping is idempotent: a wrapped model is not mapped twice.
-    wrapped = d._wrap_model(model)
-    assert d._wrap_model(wrapped) is wrapped
+    wrapped = d.wrap_model(model)
+    assert d.wrap_model(wrapped) is wrapped
 
 
 def test_spaced_diffusion_rejects_out_of_range_steps():

@@ -94,9 +94,9 @@ def first_run(checkpoints):
 # Library helpers
 
 
-def test_to_uint8_maps_minus_one_to_zero_and_one_to_255():
+def test_images_to_uint8_maps_minus_one_to_zero_and_one_to_255():
     x = torch.tensor([-1.5, -1.0, 0.0, 1.0, 2.0, 1.0 / 127.5 - 1.0]).view(1, 6, 1, 1)
-    out = sampling.to_uint8(x)
+    out = sampling.images_to_uint8(x)
     assert out.dtype == np.uint8 and out.shape == (1, 1, 1, 6)  # NCHW -> NHWC
     assert out.ravel().tolist() == [0, 0, 128, 255, 255, 1]
 

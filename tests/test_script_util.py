@@ -6,7 +6,6 @@ import torch
 from guided_diffusion import gaussian_diffusion as gd
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
-    args_to_dict,
     attention_downsample_factors,
     classifier_defaults,
     create_classifier,
@@ -76,7 +75,7 @@ def test_argparser_roundtrip_with_img_size_alias_and_booleans():
     parser = argparse.ArgumentParser()
     add_dict_to_argparser(parser, tiny_config())
     args = parser.parse_args(["--img_size", "64", "--learn_sigma", "True", "--class_cond", "no"])
-    config = args_to_dict(args, tiny_config().keys())
+    config = {k: getattr(args, k) for k in tiny_config()}
     assert config["image_size"] == 64 and config["learn_sigma"] is True and config["class_cond"] is False
     assert str2bool("Y") and not str2bool("0")
     with pytest.raises(SystemExit):

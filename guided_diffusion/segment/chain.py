@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..guidance import num_classes_of
 from ..respace import SpacedDiffusion
 
 
@@ -88,25 +89,10 @@ def chain_diffusion(diffusion, timesteps):
 # Labels
 
 
-def num_classes_of(model):
-    return getattr(model, "num_classes", None)
-
-
 def require_class_conditional(model, method):
     """Raise a ValueError unless `model` takes class labels (CDM compares two label conditions)."""
     if num_classes_of(model) is None:
         raise ValueError(f"{method} needs a class-conditional DDPM (one trained with class_cond True)")
-
-
-def label_model(model):
-    """The UNet as the diffusion calls it: drops `guide_y` (meant for cond_fn) and, for an
-    unconditional model, `y`."""
-    conditional = num_classes_of(model) is not None
-
-    def call(x, t, y=None, guide_y=None, **kwargs):
-        return model(x, t, y=y, **kwargs) if conditional else model(x, t, **kwargs)
-
-    return call
 
 
 def soft_labels(y1, tau, healthy_label, num_classes):

@@ -24,6 +24,7 @@ Baselines:
 import torch
 import torch.nn.functional as F
 
+from ..guidance import label_model, num_classes_of
 from .chain import (
     base_diffusion_check,
     cdm_timesteps,
@@ -32,9 +33,7 @@ from .chain import (
     check_tau,
     full_chain_timesteps,
     initial_noise,
-    label_model,
     noise_step,
-    num_classes_of,
     require_class_conditional,
     soft_labels,
 )
