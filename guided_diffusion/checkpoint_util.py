@@ -9,7 +9,6 @@ shapes or the diffusion, and a disagreement is a one-line error naming the flag.
 
 import json
 import os
-import sys
 
 from . import dist_util
 from .cli import UserError, atomic_write_text
@@ -52,17 +51,6 @@ def read_args_json(checkpoint_path, what="--model_path"):
         raise UserError(f"{path}: unreadable configuration (expected a JSON object of flags, "
                         f"found {type(config).__name__})")
     return config
-
-
-def explicit_flags(parser, argv=None):
-    """Destinations of the options actually typed on the command line (not left at their default)."""
-    argv = sys.argv[1:] if argv is None else argv
-    typed = {token.split("=", 1)[0] for token in argv if token.startswith("-")}
-    return {
-        action.dest
-        for action in parser._actions
-        if any(opt in typed for opt in action.option_strings)
-    }
 
 
 def merge_config(saved, args, explicit, keys, source):

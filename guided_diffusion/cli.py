@@ -72,6 +72,54 @@ class ArgumentParser(argparse.ArgumentParser):
     error = _parser_error
 
 
+def str2bool(value):
+    """Parse yes/no, true/false, t/f, y/n, 1/0 (any case)."""
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if value.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected, got {value!r}")
+
+
+def add_flags(parser, defaults, help=None, aliases=None, choices=None, switches=()):
+    """The one flag builder of every command: `--key` for each entry of `defaults`.
+
+    A flag's type follows its default: booleans take yes/no, true/false, 1/0 (`str2bool`), None
+    means a string, anything else converts with the default's type. `help` maps keys to help text
+    (the default is appended unless it is empty or the text already speaks of it), `aliases` to more
+    spellings (["--img_size"]), `choices` to the allowed values. A boolean in `switches` may also be
+    typed bare (`--guided` for `--guided True`). `parser` may be an argument group.
+    """
+    help, aliases, choices = help or {}, aliases or {}, choices or {}
+    for key, value in defaults.items():
+        kind = str if value is None else str2bool if isinstance(value, bool) else type(value)
+        text = help.get(key, "")
+        if value not in ("", None) and "default" not in text:
+            text = f"{text} (default: {value!r})".lstrip()
+        extra = dict(nargs="?", const=True) if key in switches else {}
+        parser.add_argument(f"--{key}", *aliases.get(key, ()), dest=key, default=value, type=kind,
+                            choices=choices.get(key), help=text, **extra)
+    return parser
+
+
+class _Untyped:
+    def __repr__(self):
+        return "<not typed>"
+
+
+def explicit_flags(parser, argv=None):
+    """Destinations of the options typed on the command line (any spelling), whether or not the value
+    equals the default: a second parse into a namespace that already holds every destination, so
+    argparse fills in no default and only what was typed replaces the placeholder."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    untyped = _Untyped()
+    dests = vars(parser.parse_args(argv))
+    typed = parser.parse_args(argv, namespace=argparse.Namespace(**{dest: untyped for dest in dests}))
+    return {dest for dest, value in vars(typed).items() if value is not untyped}
+
+
 @contextlib.contextmanager
 def _one_line_argparse_errors():
     """Make every argparse parser created while the block runs report errors in one line."""

@@ -23,14 +23,13 @@ from tqdm import tqdm
 from . import dist_util, logger
 from .checkpoint_util import (
     check_same_diffusion,
-    explicit_flags,
     load_classifier,
     load_model_and_diffusion,
     read_args_json,
 )
-from .cli import ArgumentParser, UserError, atomic_path, removed_on_failure
+from .cli import ArgumentParser, UserError, add_flags, atomic_path, explicit_flags, removed_on_failure
 from .guidance import label_model, make_classifier_cond_fn
-from .script_util import add_dict_to_argparser, classifier_defaults, model_and_diffusion_defaults, str2bool
+from .script_util import FLAG_ALIASES, FLAG_HELP, classifier_defaults, model_and_diffusion_defaults
 from .volumes import to_uint8
 
 DEFAULT_CLASS_NAMES = ("normal", "tumor")
@@ -231,12 +230,7 @@ def create_argparser(guided=False):
         else "Draw images from a trained DDPM (ancestral DDPM or DDIM)."
     )
     parser = ArgumentParser(description=description, allow_abbrev=False)
-    for key, value in sampling_defaults(guided).items():
-        value_type = str2bool if isinstance(value, bool) else type(value)
-        help_text = SAMPLING_HELP[key]
-        if value != "" and "default" not in help_text:
-            help_text += f" (default: {value})"
-        parser.add_argument(f"--{key}", default=value, type=value_type, help=help_text)
+    add_flags(parser, sampling_defaults(guided), help=SAMPLING_HELP)
     checked = parser.add_argument_group(
         "checkpoint configuration",
         "These are read from args.json beside the checkpoint. Typing one only checks that it agrees, "
@@ -245,7 +239,7 @@ def create_argparser(guided=False):
     flags = dict(model_and_diffusion_defaults())
     if guided:
         flags.update(classifier_defaults())
-    add_dict_to_argparser(checked, flags)
+    add_flags(checked, flags, help=FLAG_HELP, aliases=FLAG_ALIASES)
     return parser
 
 

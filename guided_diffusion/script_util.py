@@ -1,17 +1,16 @@
 """Flag defaults and factories shared by every script.
 
 Defaults live in plain dicts (`model_and_diffusion_defaults`, `classifier_defaults`,
-...), `add_dict_to_argparser` turns a dict into `--key value` flags (booleans
-are `--flag True/False`), and the `create_*` functions build networks and
-diffusions from the same keys. The checks that turn a bad image size or
+...) with their help text (`FLAG_HELP`, `FLAG_ALIASES`); `cli.add_flags` turns them into
+`--key value` flags (booleans are `--flag True/False`), and the `create_*` functions build
+networks and diffusions from the same keys. The checks that turn a bad image size or
 attention resolution into a one-line error naming the flag live here, because
 this is where flag names are known.
 """
 
-import argparse
-
 from . import gaussian_diffusion as gd
 from .cli import UserError
+from .cli import str2bool  # noqa: F401 (re-exported for scripts that import it from here)
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import EncoderUNetModel, UNetModel
 
@@ -388,7 +387,7 @@ def create_gaussian_diffusion(
 
 
 # ---------------------------------------------------------------------------------------------
-# argparse helpers
+# Help text of the model and diffusion flags (built by `cli.add_flags`)
 
 # Alternative spellings accepted on the command line (the original scripts used --img_size).
 FLAG_ALIASES = {"image_size": ["--img_size"]}
@@ -432,27 +431,3 @@ FLAG_HELP = {
     "classifier_resblock_updown": "downsample with residual blocks in the encoder",
     "classifier_pool": "encoder head: attention, adaptive, spatial or spatial_v2",
 }
-
-
-def add_dict_to_argparser(parser, default_dict):
-    """Add `--key` for every entry; booleans parse True/False, other types follow the default."""
-    for key, value in default_dict.items():
-        value_type = type(value)
-        if value is None:
-            value_type = str
-        elif isinstance(value, bool):
-            value_type = str2bool
-        names = [f"--{key}"] + FLAG_ALIASES.get(key, [])
-        help_text = FLAG_HELP.get(key, "")
-        parser.add_argument(*names, dest=key, default=value, type=value_type, help=f"{help_text} (default: {value})")
-
-
-def str2bool(value):
-    """Parse yes/no, true/false, t/f, y/n, 1/0 (any case)."""
-    if isinstance(value, bool):
-        return value
-    if value.lower() in ("yes", "true", "t", "y", "1"):
-        return True
-    if value.lower() in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"boolean value expected, got {value!r}")

@@ -27,19 +27,28 @@ import tempfile
 import torch
 
 from . import dist_util, logger
-from .checkpoint_util import ARGS_FILE, explicit_flags, merge_config, read_args_json, write_args_json
-from .cli import ArgumentParser, Stopped, UserError, removed_on_failure, require_dir, signal_name
+from .checkpoint_util import ARGS_FILE, merge_config, read_args_json, write_args_json
+from .cli import (
+    ArgumentParser,
+    Stopped,
+    UserError,
+    add_flags,
+    explicit_flags,
+    removed_on_failure,
+    require_dir,
+    signal_name,
+)
 from .classifier_util import ClassifierTrainLoop
 from .resample import create_named_schedule_sampler
 from .script_util import (
-    add_dict_to_argparser,
+    FLAG_ALIASES,
+    FLAG_HELP,
     classifier_and_diffusion_defaults,
     create_classifier,
     create_model_and_diffusion,
     diffusion_defaults,
     diffusion_from_config,
     model_and_diffusion_defaults,
-    str2bool,
 )
 from .train.checkpoints import checkpoint_files, resolve_resume_checkpoint, step_files
 from .train.loop import TrainLoop, parse_ema_rates
@@ -138,31 +147,23 @@ def classifier_train_defaults():
     return defaults
 
 
-def add_train_flags(parser, defaults, aliases=None, helps=None):
-    """Add `--key` for each training default, with help text; booleans parse True/False."""
-    aliases = aliases or {}
-    helps = {**TRAIN_HELP, **(helps or {})}
-    for key, value in defaults.items():
-        kind = str2bool if isinstance(value, bool) else type(value)
-        names = [f"--{key}"] + aliases.get(key, [])
-        choices = {"dataset": DATASETS, "amp": AMP_CHOICES}.get(key)
-        parser.add_argument(*names, dest=key, default=value, type=kind, choices=choices,
-                            help=f"{helps[key]} (default: {value!r})")
+TRAIN_CHOICES = {"dataset": DATASETS, "amp": AMP_CHOICES}
 
 
 def ddpm_parser(description, **overrides):
     parser = ArgumentParser(description=description, allow_abbrev=False)
-    add_train_flags(parser, {**train_defaults(), **overrides})
-    add_dict_to_argparser(parser, model_and_diffusion_defaults())
+    add_flags(parser, {**train_defaults(), **overrides}, help=TRAIN_HELP, choices=TRAIN_CHOICES)
+    add_flags(parser, model_and_diffusion_defaults(), help=FLAG_HELP, aliases=FLAG_ALIASES)
     return parser
 
 
 def classifier_parser(description, **overrides):
     parser = ArgumentParser(description=description, allow_abbrev=False)
-    add_train_flags(parser, {**classifier_train_defaults(), **overrides}, aliases={"max_steps": ["--iterations"]},
-                    helps={"max_steps": "number of training steps (also --iterations; 0: never stop)",
-                           "val_max_images": "validate on at most this many images (a fixed random subset; 0: all)"})
-    add_dict_to_argparser(parser, classifier_and_diffusion_defaults())
+    helps = {**TRAIN_HELP, "max_steps": "number of training steps (also --iterations; 0: never stop)",
+             "val_max_images": "validate on at most this many images (a fixed random subset; 0: all)"}
+    add_flags(parser, {**classifier_train_defaults(), **overrides}, help=helps, choices=TRAIN_CHOICES,
+              aliases={"max_steps": ["--iterations"]})
+    add_flags(parser, classifier_and_diffusion_defaults(), help=FLAG_HELP, aliases=FLAG_ALIASES)
     return parser
 
 

@@ -9,7 +9,7 @@ import torch
 
 from guided_diffusion import checkpoint_util as cu
 from guided_diffusion import script_util
-from guided_diffusion.cli import UserError
+from guided_diffusion.cli import UserError, add_flags, explicit_flags
 
 TINY = dict(image_size=16, channel_mult="1,2", attention_resolutions="8", num_channels=32, num_res_blocks=1,
             diffusion_steps=100)
@@ -20,13 +20,13 @@ TINY_CLASSIFIER = dict(image_size=16, classifier_channel_mult="1,2", classifier_
 def model_parser():
     parser = argparse.ArgumentParser(allow_abbrev=False)
     defaults = {**script_util.model_and_diffusion_defaults(), **script_util.classifier_defaults()}
-    script_util.add_dict_to_argparser(parser, defaults)
+    add_flags(parser, defaults, help=script_util.FLAG_HELP, aliases=script_util.FLAG_ALIASES)
     return parser
 
 
 def parse(argv):
     parser = model_parser()
-    return parser.parse_args(argv), cu.explicit_flags(parser, argv)
+    return parser.parse_args(argv), explicit_flags(parser, argv)
 
 
 def save_model(directory, state_from=None, **overrides):
@@ -44,7 +44,18 @@ def save_model(directory, state_from=None, **overrides):
 
 def test_explicit_flags_sees_typed_options_aliases_and_equals_form():
     argv = ["--num_channels", "64", "--img_size=32", "--class_cond", "False", "--num_heads", "-1"]
-    assert cu.explicit_flags(model_parser(), argv) == {"num_channels", "image_size", "class_cond", "num_heads"}
+    assert explicit_flags(model_parser(), argv) == {"num_channels", "image_size", "class_cond", "num_heads"}
+
+
+def test_explicit_flags_counts_typed_defaults_and_bare_switches():
+    parser = add_flags(argparse.ArgumentParser(allow_abbrev=False), {"steps": 10, "guided": False, "name": ""},
+                       help={"steps": "R"}, switches=("guided",))
+    assert explicit_flags(parser, ["--steps", "10", "--guided"]) == {"steps", "guided"}
+    assert explicit_flags(parser, ["--name="]) == {"name"}
+    assert explicit_flags(parser, []) == set()
+    args = parser.parse_args(["--guided"])
+    assert args.guided is True and args.steps == 10 and args.name == ""
+    assert parser.parse_args(["--guided", "no"]).guided is False
 
 
 def test_merge_prefers_saved_values_over_untyped_defaults():

@@ -218,7 +218,7 @@ def test_resnet_classifier_trains_through_the_script(tmp_path):
 def test_classifier_configuration_follows_the_ddpm_image_size(tmp_path):
     import json
 
-    from guided_diffusion.checkpoint_util import explicit_flags
+    from guided_diffusion.cli import explicit_flags
     from guided_diffusion.train_cli import classifier_config, classifier_parser
 
     ddpm_args = tmp_path / "args.json"

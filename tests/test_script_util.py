@@ -5,15 +5,16 @@ import torch
 
 from guided_diffusion import gaussian_diffusion as gd
 from guided_diffusion.script_util import (
-    add_dict_to_argparser,
+    FLAG_ALIASES,
+    FLAG_HELP,
     attention_downsample_factors,
     classifier_defaults,
     create_classifier,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
     parse_channel_mult,
-    str2bool,
 )
+from guided_diffusion.cli import add_flags, str2bool
 
 
 def tiny_config(**overrides):
@@ -73,7 +74,7 @@ def test_create_classifier_types(model_type, expected):
 
 def test_argparser_roundtrip_with_img_size_alias_and_booleans():
     parser = argparse.ArgumentParser()
-    add_dict_to_argparser(parser, tiny_config())
+    add_flags(parser, tiny_config(), help=FLAG_HELP, aliases=FLAG_ALIASES)
     args = parser.parse_args(["--img_size", "64", "--learn_sigma", "True", "--class_cond", "no"])
     config = {k: getattr(args, k) for k in tiny_config()}
     assert config["image_size"] == 64 and config["learn_sigma"] is True and config["class_cond"] is False

@@ -14,16 +14,15 @@ This is the only segmentation module that speaks in flags: library errors (Value
 parameter) are reported here as one line naming the flag.
 """
 
-import argparse
 import os
 import sys
 
 import torch
 
 from .. import dist_util
-from ..checkpoint_util import check_same_diffusion, explicit_flags, latest_checkpoint, load_classifier, load_model_and_diffusion
-from ..cli import UserError, require_dir
-from ..script_util import add_dict_to_argparser, classifier_defaults, diffusion_from_config, model_and_diffusion_defaults, str2bool
+from ..checkpoint_util import check_same_diffusion, latest_checkpoint, load_classifier, load_model_and_diffusion
+from ..cli import ArgumentParser, UserError, add_flags, explicit_flags, require_dir
+from ..script_util import FLAG_ALIASES, FLAG_HELP, classifier_defaults, diffusion_from_config, model_and_diffusion_defaults
 from .cam import gap_linear_head
 from .methods import METHODS, SaliencySettings, check_steps_fit, create_method, tau_variant
 from .pipeline import compute_maps, select_slices
@@ -70,26 +69,22 @@ HELP = {
     "seed": "seed of the noise draw (each image's noise depends only on the seed and its position)",
     "grid_images": "images shown in grid.png (0: no grid)",
     "volumes": "paste masks back into NIfTI volumes (needs manifest.csv in --src_dir) and report 3-D Dice",
+    "guided": "the original code's switch: same as --method cg-cdm",
 }
 
 
 def create_argparser():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Segment tumour slices from image-level labels with CDM / CG-CDM or a baseline.",
         allow_abbrev=False,
     )
-    for key, value in segmentation_defaults().items():
-        value_type = str2bool if isinstance(value, bool) else type(value)
-        names = [f"--{key}"] + (["-f"] if key == "fold" else [])
-        shown = "" if value == "" or "default" in HELP[key] else f" (default: {value})"
-        parser.add_argument(*names, dest=key, default=value, type=value_type, help=HELP[key] + shown)
-    parser.add_argument("--guided", nargs="?", const=True, default=False, type=str2bool,
-                        help="the original code's switch: same as --method cg-cdm")
+    add_flags(parser, {**segmentation_defaults(), "guided": False}, help=HELP, aliases={"fold": ["-f"]},
+              switches=("guided",))
     checked = parser.add_argument_group(
         "checkpoint configuration", "Read from args.json beside each checkpoint; typing one only checks that it agrees.")
     flags = dict(model_and_diffusion_defaults())
     flags.update({k: v for k, v in classifier_defaults().items() if k not in flags})
-    add_dict_to_argparser(checked, flags)
+    add_flags(checked, flags, help=FLAG_HELP, aliases=FLAG_ALIASES)
     return parser
 
 
