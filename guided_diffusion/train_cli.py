@@ -329,6 +329,13 @@ def _dump_params(model, directory):
         torch.save(state, os.path.join(directory, f"params-rank{dist_util.get_rank()}.pt"))
 
 
+def _parse_and_start(parser, argv):
+    """The flags, the names of those typed, and the checkpoint to resume from (see `_start`)."""
+    args = parser.parse_args(argv)
+    explicit = explicit_flags(parser, argv)
+    return args, explicit, _start(args, check_train_flags(args, argv))
+
+
 def _start(args, ema_rates):
     """Distributed setup and the checks of --src_dir, --save_dir and --resume_checkpoint (nothing is
     written); returns the checkpoint to resume from (or None)."""
@@ -388,11 +395,7 @@ class _made_dir:
 
 def ddpm_main(argv=None, *, description, **overrides):
     """Train the class-conditional DDPM from the command line `argv` (see `ddpm_parser`)."""
-    parser = ddpm_parser(description, **overrides)
-    args = parser.parse_args(argv)
-    explicit = explicit_flags(parser, argv)
-    ema_rates = check_train_flags(args, argv)
-    resume_path = _start(args, ema_rates)
+    args, explicit, resume_path = _parse_and_start(ddpm_parser(description, **overrides), argv)
     keys = list(model_and_diffusion_defaults())
     config = with_size_defaults(config_from_flags(args, explicit, keys), explicit)
     config = resumed_config(config, resume_path, args, explicit, keys)
@@ -455,11 +458,7 @@ def classifier_config(args, explicit, resume_path):
 
 def classifier_main(argv=None, *, description, **overrides):
     """Train the noise-conditioned classifier from the command line `argv` (see `classifier_parser`)."""
-    parser = classifier_parser(description, **overrides)
-    args = parser.parse_args(argv)
-    explicit = explicit_flags(parser, argv)
-    ema_rates = check_train_flags(args, argv)
-    resume_path = _start(args, ema_rates)
+    args, explicit, resume_path = _parse_and_start(classifier_parser(description, **overrides), argv)
     config = classifier_config(args, explicit, resume_path)
 
     data = build_data(args, config, args.split, class_cond=True)

@@ -298,6 +298,20 @@ class _Encoder(nn.Module):
         )
         return ch, ds
 
+    def convert_to_fp16(self):
+        """Cast the torso's convolutions (input, middle and, in the UNet, output blocks) to float16,
+        for inference; training keeps float32 weights under autocast."""
+        for part in self._torso():
+            part.apply(convert_module_to_f16)
+
+    def convert_to_fp32(self):
+        """Cast the torso back to float32."""
+        for part in self._torso():
+            part.apply(convert_module_to_f32)
+
+    def _torso(self):
+        return [self.input_blocks, self.middle_block] + ([self.output_blocks] if hasattr(self, "output_blocks") else [])
+
     @property
     def dtype(self):
         """The dtype the network's torso computes in (float16 after `convert_to_fp16`)."""
@@ -375,16 +389,6 @@ class UNetModel(_Encoder):
         self.out = nn.Sequential(
             normalization(ch), SiLU(), zero_module(conv_nd(dims, input_ch, self.out_channels, 3, padding=1))
         )
-
-    def convert_to_fp16(self):
-        """Cast the torso (input, middle and output blocks) to float16."""
-        for part in (self.input_blocks, self.middle_block, self.output_blocks):
-            part.apply(convert_module_to_f16)
-
-    def convert_to_fp32(self):
-        """Cast the torso back to float32."""
-        for part in (self.input_blocks, self.middle_block, self.output_blocks):
-            part.apply(convert_module_to_f32)
 
     def label_embedding(self, y):
         """Embedding of hard labels (LongTensor (B,)) or soft label weights (float (B, num_classes)).
@@ -518,16 +522,6 @@ class EncoderUNetModel(_Encoder):
             self.out = nn.Sequential(
                 nn.Linear(feature_size, 2048), normalization(2048), SiLU(), nn.Linear(2048, out_channels)
             )
-
-    def convert_to_fp16(self):
-        """Cast the torso (input and middle blocks) to float16."""
-        self.input_blocks.apply(convert_module_to_f16)
-        self.middle_block.apply(convert_module_to_f16)
-
-    def convert_to_fp32(self):
-        """Cast the torso back to float32."""
-        self.input_blocks.apply(convert_module_to_f32)
-        self.middle_block.apply(convert_module_to_f32)
 
     def forward(self, x, timesteps=None):
         """Class logits (B, out_channels) for x at `timesteps` (None: t=0)."""
