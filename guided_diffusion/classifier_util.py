@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from scipy.stats import rankdata
 
 from . import dist_util, logger
-from .cli import UserError
 from .resample import LossAwareSampler, UniformSampler, timestep_limit
 from .train.loop import TrainLoopBase, log_loss_dict
 
