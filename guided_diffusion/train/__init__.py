@@ -1,2 +1,2 @@
 """Training: the loop (`loop`), the data stream (`stream`), checkpoint files (`checkpoints`), mixed
-precision (`precision`) and progress.csv with its loss curves (`plots`)."""
+precision (`precision`), progress.csv with its loss curves (`plots`) and the commands' flags (`flags`)."""
