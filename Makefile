@@ -1,15 +1,18 @@
 # Two entry points for a fresh clone:
 #   make demo   set up, build the demo data and segment it with the shipped demo models
 #   make test   set up and run the test suite
+#   make study, make results   the ablation and the results table of the README (CPU minutes)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-# tau for the demo, chosen on the training split by scripts/demo_results.py (see README)
-DEMO_TAU ?= 0
+# The demo's settings, chosen on 16 tumour slices of the training split by scripts/ablation.py
+# (runs/demo/selection.json; see README): Q = 0.1 T, R = 10, tau = 0, s = 10, a 1-pixel Gaussian blur
+# and Otsu over the brain only.
+DEMO_FLAGS ?= --noise_level 0.1 --steps 10 --tau 0 --classifier_scale 10 --smooth_sigma 1 --foreground_only True
 DEMO_DATA := data/demo/slices/manifest.csv
 
-.PHONY: setup test demo
+.PHONY: setup test demo study results
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -28,5 +31,15 @@ $(DEMO_DATA): | $(VENV)/.installed
 demo: $(VENV)/.installed $(DEMO_DATA)
 	$(PY) scripts/image_p_seg.py --method cg-cdm --model_path runs/demo/ddpm/model.pt \
 		--classifier_path runs/demo/classifier/model.pt --src_dir data/demo/slices \
-		--tau $(DEMO_TAU) --batch_size 32 --out_dir runs/demo_seg
+		$(DEMO_FLAGS) --batch_size 32 --out_dir runs/demo_seg
 	@echo "picture grid: runs/demo_seg/grid.png"
+
+# The ablation of the paper's Fig. 3 on the training split and the settings chosen there (about 15 min)
+study: $(VENV)/.installed $(DEMO_DATA)
+	$(PY) scripts/ablation.py --models runs/demo --max_images 16 --batch_size 16 --record_steps 1,2,5,10,20,30 \
+		--out_dir runs/demo_study
+
+# Every method on the validation split with those settings, beside the paper's Table 1
+results: $(VENV)/.installed $(DEMO_DATA)
+	$(PY) scripts/demo_results.py --models runs/demo --selection runs/demo_study/selection.json --max_images 108 \
+		--out_dir runs/demo_results
