@@ -66,7 +66,7 @@ def model_and_diffusion_defaults():
 
 
 def classifier_defaults():
-    """Noise-conditioned classifier flags (`--model_type encoder|resnet50|resnet101`)."""
+    """Noise-conditioned classifier flags (`--model_type encoder|resnet18|resnet50|resnet101`)."""
     return dict(
         image_size=64,
         in_channels=1,

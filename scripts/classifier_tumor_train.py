@@ -1,4 +1,4 @@
-"""Train the noise-conditioned classifier that guides CG-CDM (--model_type encoder|resnet50|resnet101).
+"""Train the noise-conditioned classifier that guides CG-CDM (--model_type encoder|resnet18|resnet50|resnet101).
 
 Images are noised with the DDPM's own diffusion: pass --diffusion_config pointing at the DDPM's
 args.json so that T, the schedule and the timestep scaling agree (a typed flag that disagrees is an
