@@ -424,6 +424,16 @@ def export_slice_dataset(cases, out_root, options, *, input_dir, val_fraction=0.
     return counts
 
 
+def check_converter_flags(args):
+    """The converter flags (--workers, --seed, --val_fraction) checked before any input is read."""
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
+    if args.seed < 0:
+        raise UserError(f"--seed must be a non-negative integer, got {args.seed}")
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise UserError(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
+
+
 def format_counts(counts):
     """One line per split: 'training: 1200 normal, 800 tumor'."""
     return "\n".join(f"{s}: {counts[s]['normal']} normal, {counts[s]['tumor']} tumor" for s in SPLITS)

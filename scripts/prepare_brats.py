@@ -15,9 +15,9 @@ example:
 
 import argparse
 
-from guided_diffusion.cli import ArgumentParser, UserError, run_main
+from guided_diffusion.cli import ArgumentParser, run_main
 from guided_diffusion.volumes import (
-    SliceOptions, check_slice_options, export_slice_dataset, find_brats_cases, format_counts, parse_int_list,
+    SliceOptions, check_converter_flags, check_slice_options, export_slice_dataset, find_brats_cases, format_counts, parse_int_list,
     parse_modalities,
 )
 
@@ -54,7 +54,7 @@ def create_argparser():
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
-    check_common_flags(args)
+    check_converter_flags(args)
     options = check_slice_options(SliceOptions(
         image_size=args.image_size, intensity="brain", clip_percentiles=tuple(args.clip_percentiles),
         crop=args.crop, crop_margin=args.crop_margin, min_brain_fraction=args.min_brain_fraction,
@@ -69,15 +69,6 @@ def main(argv=None):
     print(format_counts(counts))
     print(f"wrote {args.out_dir}")
 
-
-def check_common_flags(args):
-    """The flags checked before any input is read."""
-    if args.workers < 1:
-        raise UserError(f"--workers must be at least 1, got {args.workers}")
-    if args.seed < 0:
-        raise UserError(f"--seed must be a non-negative integer, got {args.seed}")
-    if not 0.0 <= args.val_fraction < 1.0:
-        raise UserError(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
 
 
 if __name__ == "__main__":

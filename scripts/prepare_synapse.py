@@ -15,7 +15,8 @@ import argparse
 
 from guided_diffusion.cli import ArgumentParser, UserError, run_main
 from guided_diffusion.volumes import (
-    SliceOptions, check_slice_options, export_slice_dataset, find_btcv_cases, format_counts, parse_int_list,
+    SliceOptions, check_converter_flags, check_slice_options, export_slice_dataset, find_btcv_cases, format_counts,
+    parse_int_list,
 )
 
 
@@ -41,7 +42,7 @@ def create_argparser():
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
-    check_common_flags(args)
+    check_converter_flags(args)
     class_indices = parse_int_list(args.class_index, "--class_index")
     if not class_indices or min(class_indices) < 1:
         raise UserError(f"--class_index {args.class_index!r}: expected organ labels >= 1, e.g. 1 or 2,3")
@@ -57,15 +58,6 @@ def main(argv=None):
     print(format_counts(counts))
     print(f"wrote {args.out_dir}")
 
-
-def check_common_flags(args):
-    """The flags checked before any input is read."""
-    if args.workers < 1:
-        raise UserError(f"--workers must be at least 1, got {args.workers}")
-    if args.seed < 0:
-        raise UserError(f"--seed must be a non-negative integer, got {args.seed}")
-    if not 0.0 <= args.val_fraction < 1.0:
-        raise UserError(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
 
 
 if __name__ == "__main__":
