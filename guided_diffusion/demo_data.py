@@ -186,9 +186,7 @@ def add_lesions(image, brain, rng, voxel_size, count, settings=MIXED_SETTINGS):
         # deep enough that most of the lesion lies inside the brain
         candidates = np.flatnonzero(depth >= min(0.8 * radius + 1.0, depth.max()))
         center = np.unravel_index(rng.choice(candidates), image.shape)
-        blob = irregular_blob(radius, rng)
-        box, local = _paste_box(center, blob.shape[0] // 2, image.shape)
-        mask = blob[local] & brain[box]
+        box, mask = _blob_at(center, radius, rng, brain)
         if not mask.any():
             continue
         kind = rng.choice(LESION_KINDS, p=settings.kind_probabilities)
@@ -219,6 +217,14 @@ def _paste_box(center, half, shape):
         box.append(slice(max(lo, 0), min(hi, size)))
         local.append(slice(max(lo, 0) - lo, 2 * half + 1 - (hi - min(hi, size))))
     return tuple(box), tuple(local)
+
+
+def _blob_at(center, radius, rng, allowed):
+    """An irregular blob of `radius` voxels centred at `center`: (its box in the volume, the blob
+    within the box, limited to the `allowed` voxels)."""
+    blob = irregular_blob(radius, rng)
+    box, local = _paste_box(center, blob.shape[0] // 2, allowed.shape)
+    return box, blob[local] & allowed[box]
 
 
 def glioma_sites(image, brain, voxel_size, radius):
@@ -255,9 +261,7 @@ def add_gliomas(image, brain, rng, voxel_size, count, settings=GLIOMA_SETTINGS):
         radius = draw_radius(rng, settings, voxel_size)
         sites = glioma_sites(image, brain, voxel_size, radius)
         center = np.unravel_index(rng.choice(sites), image.shape)
-        edema_blob = irregular_blob(radius, rng)
-        box, local = _paste_box(center, edema_blob.shape[0] // 2, image.shape)
-        edema = edema_blob[local] & tissue[box]
+        box, edema = _blob_at(center, radius, rng, tissue)
         if not edema.any():
             continue
         core_radius = radius * rng.uniform(0.3, 0.6)

@@ -110,7 +110,11 @@ def run_ablation(models, slices, grid=StudyGrid(), *, batch_size=32, seed=0, log
         log(f"tau sweep: s = {scale:g}")
         rows += measure(models, slices, noise_level=0.1, record_steps=(grid.paper_steps,), taus=grid.taus, scale=scale,
                         batch_size=batch_size, seed=seed, sweep="tau")
-    for scale in grid.scales:  # Dice vs s (s = 0 is CDM)
+    for scale in grid.scales:  # Dice vs s (s = 0 is CDM); the tau sweep already measured its own scales
+        measured = [r for r in rows if r["sweep"] == "tau" and r["classifier_scale"] == scale]
+        if {float(t) for t in grid.step_sweep_taus} <= {r["tau"] for r in measured}:
+            rows += [{**r, "sweep": "classifier_scale"} for r in measured if r["tau"] in grid.step_sweep_taus]
+            continue
         log(f"s sweep: s = {scale:g}")
         rows += measure(models, slices, noise_level=0.1, record_steps=(grid.paper_steps,), taus=grid.step_sweep_taus,
                         scale=scale, batch_size=batch_size, seed=seed, sweep="classifier_scale")
