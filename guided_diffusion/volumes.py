@@ -1,7 +1,7 @@
 """3-D NIfTI volumes to the 2-D slice layout the loaders read, and back.
 
-One implementation shared by `scripts/prepare_brats.py`, `scripts/prepare_synapse.py`
-and `scripts/make_demo_data.py`. The layout it writes (see data/README.md):
+One implementation shared by `scripts/prepare_brats.py`, `scripts/prepare_synapse.py`,
+`scripts/prepare_chaos.py` (through `guided_diffusion.chaos`) and `scripts/make_demo_data.py`. The layout it writes (see data/README.md):
 
     ROOT/training/{normal,tumor,seg}/    ROOT/validation/{normal,tumor,seg}/
     ROOT/manifest.csv                    one row per written slice
@@ -58,7 +58,8 @@ class SliceOptions:
     """How volumes become slices; every field is a command-line flag of the converters."""
 
     image_size: int = 224
-    intensity: str = "brain"  # "brain": percentile clip on brain voxels; "ct": fixed HU window
+    intensity: str = "brain"  # "brain": percentile clip on brain voxels; "ct": fixed HU window;
+    # "percentile": percentile clip on every voxel (data that are not skull-stripped, e.g. abdominal MR)
     clip_percentiles: tuple = (0.5, 99.5)
     ct_window: tuple = (-125.0, 275.0)
     crop: str = "brain"  # "brain": square box around the brain; "none": the whole slice
@@ -307,6 +308,10 @@ def _read_case(case, options):
     elif options.intensity == "ct":
         foreground = np.ones(shape, bool)
         channels = ct_window(volume, *options.ct_window)
+    elif options.intensity == "percentile":
+        foreground = np.ones(shape, bool)  # no background to leave out: every voxel counts
+        low, high = options.clip_percentiles
+        channels = np.stack([normalize_percentiles(v, foreground, low, high) for v in volume])
     else:
         raise ValueError(f"unknown intensity mode {options.intensity!r}")
     return channels, lesion, foreground
@@ -363,7 +368,18 @@ def export_case(case, split, options, out_root):
 
 
 def _export_job(job):
-    return export_case(*job)
+    case, split, options, root, stage = job
+    info = None
+    if stage is not None:
+        case, info = stage(case, root)
+    return case.subject, export_case(case, split, options, root), info
+
+
+def _final_path(path, tmp, final):
+    """`path` as it will be once the temporary output folder `tmp` is renamed to `final`."""
+    if os.path.commonpath([path, tmp]) == tmp:
+        return os.path.join(final, os.path.relpath(path, tmp))
+    return path
 
 
 def _check_output_dir(out_root):
@@ -376,12 +392,19 @@ def _check_output_dir(out_root):
 
 
 def export_slice_dataset(cases, out_root, options, *, input_dir, val_fraction=0.1, seed=0, workers=1,
-                         extra_settings=None):
+                         extra_settings=None, stage=None):
     """Write the whole slice layout for `cases` to `out_root`; return {split: {label: count}}.
 
     Subjects are split (never shared between splits), each split's slices written, and the
     manifest and settings saved. All of it goes to a temporary folder first, so on any error
     nothing is left behind and an earlier export at `out_root` stays untouched.
+
+    `stage`, if given, is a picklable function (case, root) -> (VolumeCase, info) run in the
+    worker before a case is sliced: it may write the case's NIfTI volumes anywhere under `root`
+    (the temporary output folder, e.g. converted from DICOM); the manifest then records their
+    paths at the final place under `out_root`, and each case's JSON-able `info` goes to
+    dataset.json under "cases" (keyed by subject). `cases` are then whatever `stage` reads; each
+    needs a `subject` attribute.
     """
     out_root = os.path.abspath(out_root)
     _check_output_dir(out_root)
@@ -390,16 +413,24 @@ def export_slice_dataset(cases, out_root, options, *, input_dir, val_fraction=0.
         for split in SPLITS:
             for sub in CLASSES + ("seg",):
                 os.makedirs(os.path.join(tmp, split, sub))
-        jobs = [(case, split_of[case.subject], options, tmp) for case in cases]
-        rows = []
+        jobs = [(case, split_of[case.subject], options, tmp, stage) for case in cases]
+        rows, staged = [], {}
         progress = dict(total=len(jobs), desc="subjects", unit="subject")
+
+        def collect(results):
+            for subject, case_rows, info in tqdm(results, **progress):
+                rows.extend(case_rows)
+                if stage is not None:
+                    staged[subject] = info
+
         if workers > 1:
             with ProcessPoolExecutor(workers) as pool:
-                for case_rows in tqdm(pool.map(_export_job, jobs), **progress):
-                    rows.extend(case_rows)
+                collect(pool.map(_export_job, jobs))
         else:
-            for case_rows in tqdm(map(_export_job, jobs), **progress):
-                rows.extend(case_rows)
+            collect(map(_export_job, jobs))
+        for row in rows:  # volumes staged inside the temporary folder: record where they will be
+            row["source"] = _final_path(row["source"], tmp, out_root)
+            row["seg_source"] = _final_path(row["seg_source"], tmp, out_root)
         counts = {s: {c: sum(r["split"] == s and r["label"] == c for r in rows) for c in CLASSES} for s in SPLITS}
         for split in SPLITS:
             has_subjects = split in split_of.values()
@@ -416,6 +447,7 @@ def export_slice_dataset(cases, out_root, options, *, input_dir, val_fraction=0.
             input_dir=os.path.abspath(input_dir), options=asdict(options), val_fraction=val_fraction, seed=seed,
             counts=counts,
             subjects={s: sorted(k for k, v in split_of.items() if v == s) for s in SPLITS},
+            **({"cases": staged} if stage is not None else {}),
             **(extra_settings or {}),
         )
         with open(os.path.join(tmp, SETTINGS_NAME), "w") as f:
