@@ -14,6 +14,7 @@ setup(
         "mpi4py",
         "mpich",
         "nibabel",
+        "pydicom",
         "pillow",
         "tqdm",
         "scipy",
