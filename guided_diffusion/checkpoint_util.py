@@ -77,9 +77,14 @@ def merge_config(saved, args, explicit, keys, source):
     return merged
 
 
+# The diffusion settings that define the noised images x_t (and the t) a classifier sees; the others
+# (learn_sigma, use_kl, predict_xstart, ...) concern the DDPM's output only.
+NOISING_KEYS = ("diffusion_steps", "noise_schedule", "rescale_timesteps")
+
+
 def check_same_diffusion(classifier_config, ddpm_config, classifier_source, ddpm_source):
     """A guiding classifier must have been trained on the DDPM's noise levels."""
-    for key in ("diffusion_steps", "noise_schedule", "rescale_timesteps"):
+    for key in NOISING_KEYS:
         a, b = classifier_config.get(key), ddpm_config.get(key)
         if a is not None and b is not None and a != b:
             raise UserError(
@@ -114,8 +119,11 @@ def load_classifier(classifier_path, args=None, explicit=(), device=None, flag="
         raise UserError(f"{flag} {classifier_path or '(empty)'}: no such checkpoint file")
     saved = read_args_json(classifier_path, flag)
     defaults = classifier_and_diffusion_defaults()
-    config = merge_config({**defaults, **saved}, args, set(explicit), list(defaults), os.path.join(os.path.dirname(classifier_path), ARGS_FILE))
     classifier_keys = [k for k in defaults if k not in diffusion_defaults()]
+    # Typed DDPM flags (the original segmentation command's --learn_sigma True) say nothing about the classifier.
+    checked = set(explicit) & (set(classifier_keys) | set(NOISING_KEYS))
+    config = merge_config({**defaults, **saved}, args, checked, list(defaults),
+                          os.path.join(os.path.dirname(classifier_path), ARGS_FILE))
     classifier = create_classifier(**{k: config[k] for k in classifier_keys})
     load_weights(classifier, classifier_path, flag)
     if config.get("classifier_use_fp16") and hasattr(classifier, "convert_to_fp16"):

@@ -129,6 +129,24 @@ def read_image(path, in_channels=1):
     raise UserError(f"{path}: has {channels} channels but --in_channels is {in_channels}")
 
 
+def image_shape(path):
+    """(channels, height, width) of an image file, read from its header (the pixels are not decoded).
+
+    An RGB file counts as 3 channels; `read_image` averages them for --in_channels 1.
+    """
+    try:
+        if path.lower().endswith(".npy"):
+            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+            if len(shape) == 2:
+                return (1, *shape)
+            return shape if shape[0] < shape[-1] else (shape[-1], *shape[:2])
+        with Image.open(path) as img:
+            return (len(img.getbands()), img.height, img.width)
+    except Exception as err:  # as in _read_array: PIL and numpy raise many kinds for broken files
+        text = str(err).strip().splitlines()
+        raise UserError(f"{path}: cannot read image ({type(err).__name__}: {text[0] if text else ''})") from None
+
+
 def read_mask(path):
     """A mask file as float32 (H, W) with 1 where any channel is nonzero."""
     array = _read_array(path, palette_indices=True)  # a palette mask's indices are its labels
@@ -211,13 +229,26 @@ class SliceDataset(torch.utils.data.Dataset):
                     has_mask=mask_path is not None, name=os.path.basename(path), path=path)
 
 
-def select_fold(items, fold, num_folds):
-    """Fold `fold` of `num_folds` contiguous, near-equal parts of the sorted items."""
+def select_fold(items, fold, num_folds, fold_size=0):
+    """Fold `fold` of the sorted items: one of `num_folds` contiguous, near-equal parts, or, with
+    `fold_size` > 0, the fixed block items[fold * fold_size : (fold + 1) * fold_size] (the original
+    code's folds: blocks of 500 tumour slices)."""
+    items = sorted(items)
+    if fold_size < 0:
+        raise UserError(f"--fold_size must be 0 (off) or positive, got {fold_size}")
+    if fold_size:
+        if num_folds != 1:
+            raise UserError(f"--fold_size {fold_size} and --num_folds {num_folds} are two ways to define folds; "
+                            f"pass only one")
+        blocks = -(-len(items) // fold_size)
+        if not 0 <= fold < blocks:
+            raise UserError(f"--fold {fold} is out of range 0..{blocks - 1}: {len(items)} items make {blocks} "
+                            f"block(s) of --fold_size {fold_size}")
+        return items[fold * fold_size:(fold + 1) * fold_size]
     if num_folds < 1:
         raise UserError(f"--num_folds must be at least 1, got {num_folds}")
     if not 0 <= fold < num_folds:
         raise UserError(f"--fold {fold} is out of range 0..{num_folds - 1} (--num_folds {num_folds})")
-    items = sorted(items)
     start, stop = fold * len(items) // num_folds, (fold + 1) * len(items) // num_folds
     if start == stop:
         raise UserError(f"--fold {fold} of --num_folds {num_folds} is empty: only {len(items)} items")

@@ -29,6 +29,7 @@ from .checkpoint_util import (
 )
 from .cli import ArgumentParser, UserError, add_flags, atomic_path, explicit_flags, removed_on_failure
 from .guidance import label_model, make_classifier_cond_fn
+from .implicit_inputs import CLASSIFIER_DIRS, DDPM_DIRS, checkpoint_in, newest_checkpoint
 from .script_util import FLAG_ALIASES, FLAG_HELP, classifier_defaults, model_and_diffusion_defaults
 from .volumes import to_uint8
 
@@ -197,6 +198,7 @@ def sampling_defaults(guided=False):
         save_dir="",
         num_samples=16,
         batch_size=8,
+        src_dir="",
         class_label=-1,
         use_ddim=False,
         eta=0.0,
@@ -209,8 +211,13 @@ def sampling_defaults(guided=False):
 
 
 SAMPLING_HELP = {
-    "model_path": "(required) DDPM checkpoint (model*.pt or ema_*.pt) with its args.json in the same folder",
-    "save_dir": "output folder (default: a samples/ folder next to --model_path)",
+    "model_path": "DDPM checkpoint (model*.pt or ema_*.pt) with its args.json in the same folder; default: the "
+                  "newest checkpoint in --save_dir (unguided sampling), else in " + " or ".join(DDPM_DIRS),
+    "save_dir": "output folder (default: a samples/ folder next to --model_path). A folder holding checkpoints "
+                "is, as in the original code, the model's folder: the DDPM (unguided) or the classifier (guided) "
+                "is its newest model*.pt unless given, and the outputs go to its samples/ subfolder",
+    "src_dir": "a slice dataset the models were trained on (optional): checks that the DDPM and the classifier "
+               "take its images' channels, and reports their size; sampling itself reads no data",
     "num_samples": "number of images to draw in total (split across processes under mpiexec)",
     "batch_size": "images per sampler call on each process",
     "class_label": "class of every sample (0 normal, 1 tumor); -1 draws balanced random labels",
@@ -218,7 +225,8 @@ SAMPLING_HELP = {
     "eta": "DDIM noise: 0 is deterministic DDIM, 1 matches the DDPM posterior variance",
     "clip_denoised": "clip the predicted x0 to [-1, 1] at every step",
     "seed": "random seed; the same seed and number of processes give identical samples",
-    "classifier_path": "(required) noise-conditioned classifier checkpoint with its args.json in the same folder",
+    "classifier_path": "noise-conditioned classifier checkpoint with its args.json in the same folder; default: the "
+                       "newest checkpoint in --save_dir, else in " + " or ".join(CLASSIFIER_DIRS),
     "classifier_scale": "guidance scale s: the sampler follows s * grad log p(y | x_t, t)",
 }
 
@@ -252,8 +260,6 @@ def _check_sampling_args(args, guided):
         raise UserError(f"--eta {args.eta}: must be a non-negative number")
     if not 0 <= args.seed < 2**32:
         raise UserError(f"--seed {args.seed}: must be in 0..{2**32 - 1}")
-    if guided and not args.classifier_path:
-        raise UserError("--classifier_path is required for classifier-guided sampling")
     if guided and not math.isfinite(args.classifier_scale):
         raise UserError(f"--classifier_scale {args.classifier_scale}: must be a finite number")
     if args.save_dir and os.path.exists(args.save_dir) and not os.path.isdir(args.save_dir):
@@ -269,6 +275,36 @@ def _check_classifier_fits(classifier_config, model_config, classifier_path):
             )
 
 
+def check_data_fits(src_dir, model_config, classifier_config=None):
+    """One line on how the images of a slice dataset fit the DDPM (and classifier); an error if their channels
+    cannot feed the networks (the loaders' rules: one channel repeated, RGB averaged to grey, extra ones dropped)."""
+    from .datasets import image_shape, list_slices, read_image
+
+    first = list_slices(src_dir, "training")[0][0]
+    channels, height, width = image_shape(first)
+    for what, config in (("DDPM", model_config), ("classifier", classifier_config)):
+        if config is not None:
+            try:
+                read_image(first, config["in_channels"])
+            except UserError:
+                raise UserError(f"--src_dir {src_dir}: its images have {channels} channels ({first}) but the {what} "
+                                f"takes in_channels={config['in_channels']}") from None
+    size, in_channels = model_config["image_size"], model_config["in_channels"]
+    resized = "" if (height, width) == (size, size) else "; the loaders resize them"
+    return (f"--src_dir {src_dir}: {height} x {width} images with {channels} channel(s); the models take "
+            f"{size} x {size} with {in_channels} channel(s){resized}")
+
+
+def _implied_checkpoint(folder, default_dirs, flag, what, log):
+    """The newest checkpoint in `folder` (--save_dir in the original code's meaning), else the newest one the
+    training scripts wrote to their default folders."""
+    if not folder:
+        return newest_checkpoint(default_dirs, flag, what, log=log)
+    path = checkpoint_in(folder)
+    log(f"{flag} not given: using {path}, the newest checkpoint in --save_dir")
+    return path
+
+
 def sample_main(argv=None, guided=False):
     """Entry point of `image_tumor_sample.py` (`guided=False`) and `classifier_tumor_sample.py` (`guided=True`)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -276,18 +312,22 @@ def sample_main(argv=None, guided=False):
     args = parser.parse_args(argv)
     explicit = explicit_flags(parser, argv)
     _check_sampling_args(args, guided)
-    if not args.model_path:
-        raise UserError("--model_path is required")
-
     dist_util.setup_dist()
     device = dist_util.dev()
+    log = print if dist_util.is_main_process() else (lambda *a: None)
+    checkpoints_dir = args.save_dir if args.save_dir and checkpoint_in(args.save_dir) else ""
+    if not args.model_path:
+        args.model_path = _implied_checkpoint("" if guided else checkpoints_dir, DDPM_DIRS, "--model_path", "DDPM", log)
+    if guided and not args.classifier_path:
+        args.classifier_path = _implied_checkpoint(checkpoints_dir, CLASSIFIER_DIRS, "--classifier_path",
+                                                   "classifier", log)
     model, diffusion, config = load_model_and_diffusion(args.model_path, args, explicit, device)
     trained_range = float(read_args_json(args.model_path).get("max_noise_level", 1.0))
     if trained_range < 1:
         warnings.warn(f"--model_path {args.model_path} was trained on t < {trained_range:g} T only (--max_noise_level); "
                       f"sampling starts from pure noise at t = T, where it has never been trained", stacklevel=1)
     num_classes = config["num_classes"]
-    cond_fn = None
+    cond_fn = classifier_config = None
     if guided:
         classifier, classifier_config = load_classifier(args.classifier_path, args, explicit, device)
         check_same_diffusion(classifier_config, config, args.classifier_path, args.model_path)
@@ -299,24 +339,32 @@ def sample_main(argv=None, guided=False):
         if not 0 <= args.class_label < num_classes:
             raise UserError(f"--class_label {args.class_label}: must be -1 or a class in 0..{num_classes - 1}")
 
-    save_dir = args.save_dir or os.path.join(os.path.dirname(os.path.abspath(args.model_path)), "samples")
+    # The classifier's own settings as its args.json has them (not the untyped flags' defaults).
+    classifier_settings = {k: classifier_config[k] for k in classifier_defaults() if k not in config} \
+        if classifier_config else {}
+    if args.src_dir:
+        log(check_data_fits(args.src_dir, config, classifier_config))
+    if checkpoints_dir:  # a model's folder: its log.txt and checkpoints stay apart from the samples
+        save_dir = os.path.join(checkpoints_dir, "samples")
+    else:
+        save_dir = args.save_dir or os.path.join(os.path.dirname(os.path.abspath(args.model_path)), "samples")
     if dist_util.is_main_process():
         # Stopped or failed before the samples are written: nothing of this run is left in save_dir.
         with removed_on_failure(save_dir, flag="--save_dir"):
-            _sample_and_save(args, model, diffusion, config, cond_fn, save_dir, device)
+            _sample_and_save(args, model, diffusion, config, cond_fn, save_dir, device, classifier_settings)
     else:
-        _sample_and_save(args, model, diffusion, config, cond_fn, save_dir, device)
+        _sample_and_save(args, model, diffusion, config, cond_fn, save_dir, device, classifier_settings)
     dist_util.barrier()
     logger.close()
     dist_util.cleanup()
 
 
-def _sample_and_save(args, model, diffusion, config, cond_fn, save_dir, device):
+def _sample_and_save(args, model, diffusion, config, cond_fn, save_dir, device, classifier_settings):
     try:
         logger.configure(save_dir, format_strs=["stdout", "log"])
     except OSError as err:
         raise UserError(f"--save_dir {save_dir}: cannot be created ({err.strerror})")
-    logger.log("sampling with " + json.dumps({**vars(args), **config}, sort_keys=True))
+    logger.log("sampling with " + json.dumps({**vars(args), **config, **classifier_settings}, sort_keys=True))
     num_classes = config["num_classes"]
 
     images, labels = sample_images(

@@ -31,6 +31,7 @@ from .cli import Stopped, UserError, explicit_flags, removed_on_failure, require
 from .classifier_util import ClassifierTrainLoop
 from .resample import create_named_schedule_sampler
 from .script_util import (
+    DEFAULT_CHANNEL_MULT,
     classifier_and_diffusion_defaults,
     create_classifier,
     create_model_and_diffusion,
@@ -80,11 +81,28 @@ def check_save_dir(save_dir, resuming):
 
 
 def config_from_flags(args, explicit, keys):
-    """The flags in `keys`, with the dataset's image size when --image_size is not typed."""
+    """The flags in `keys`; an untyped --image_size is the data's (see `default_image_size`)."""
     config = {k: getattr(args, k) for k in keys}
     if "image_size" not in explicit:
-        config["image_size"] = DATASET_IMAGE_SIZE[args.dataset]
+        config["image_size"] = default_image_size(args, explicit)
     return config
+
+
+def default_image_size(args, explicit):
+    """The side of --src_dir's images when they are square and the network has a default shape for that
+    size (or --channel_mult is typed); otherwise the --dataset's size (brats 224, demo 64, synapse 128)."""
+    from .datasets import image_shape, list_slices
+
+    fallback = DATASET_IMAGE_SIZE[args.dataset]
+    if not os.path.isdir(os.path.join(args.src_dir, "training")):
+        return fallback  # e.g. the original code's abdominal .npy volumes; a missing folder is reported later
+    _, height, width = image_shape(list_slices(args.src_dir, args.split)[0][0])
+    shaped = height in DEFAULT_CHANNEL_MULT or explicit & {"channel_mult", "classifier_channel_mult"}
+    if height != width or not shaped:
+        return fallback
+    if height != fallback and dist_util.is_main_process():
+        print(f"--image_size {height}: the side of the images in {args.src_dir} (type --image_size to resize them)")
+    return height
 
 
 def with_size_defaults(config, explicit):

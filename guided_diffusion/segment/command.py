@@ -20,8 +20,9 @@ import sys
 import torch
 
 from .. import dist_util
-from ..checkpoint_util import check_same_diffusion, latest_checkpoint, load_classifier, load_model_and_diffusion
+from ..checkpoint_util import check_same_diffusion, load_classifier, load_model_and_diffusion
 from ..cli import ArgumentParser, UserError, add_flags, explicit_flags, require_dir
+from ..implicit_inputs import checkpoint_from_dir, original_data_dir
 from ..script_util import FLAG_ALIASES, FLAG_HELP, classifier_defaults, diffusion_from_config, model_and_diffusion_defaults
 from .cam import gap_linear_head
 from .methods import METHODS, SaliencySettings, check_steps_fit, create_method, tau_variant
@@ -33,7 +34,7 @@ from .report import check_volumes_possible, write_report
 def segmentation_defaults():
     return dict(
         model_path="", src_dir="", save_dir="", out_dir="", classifier_path="", method="cdm",
-        split="validation", fold=0, num_folds=1, batch_size=8, max_images=0,
+        split="validation", fold=0, num_folds=1, fold_size=0, batch_size=8, max_images=0,
         noise_level=0.1, steps=10, stride=1, tau="0.95", classifier_scale=10.0, healthy_label=0,
         clip_denoised=True, abs_map=False, smooth_sigma=0.0, foreground_only=False,
         seed=0, grid_images=8, volumes=False,
@@ -42,7 +43,8 @@ def segmentation_defaults():
 
 HELP = {
     "model_path": "(required for the diffusion methods) class-conditional DDPM checkpoint with its args.json beside it",
-    "src_dir": "(required) slice dataset root holding training/ and validation/ (validate/ also accepted)",
+    "src_dir": "slice dataset root holding training/ and validation/ (validate/ also accepted); default: the "
+               "original README's data/brats_patch/flair/flair (or data/brats_patch/flair) when it exists",
     "save_dir": "classifier folder (the original code's meaning): its newest model*.pt is the classifier "
                 "when --classifier_path is empty; also the default parent of --out_dir",
     "out_dir": "output folder, replaced when the run completes (default: <save_dir, else the model's folder>/seg_<method>)",
@@ -50,8 +52,11 @@ HELP = {
                        "cg-diff and anomaly (unless --classifier_scale 0), or the plain one of a CAM method",
     "method": "; ".join(f"{name}: {m.description}" for name, m in METHODS.items()),
     "split": "which split's tumour slices to segment",
-    "fold": "evaluate fold k of --num_folds contiguous folds of the sorted tumour slices",
-    "num_folds": "number of folds (1: every tumour slice)",
+    "fold": "evaluate fold k (also -f): part k of --num_folds contiguous parts of the sorted tumour slices, "
+            "or block k of --fold_size slices",
+    "num_folds": "number of folds (default 1: every tumour slice is evaluated)",
+    "fold_size": "folds as fixed blocks of this many sorted tumour slices instead: 500 gives the original "
+                 "code's folds, -f 0 = slices 0..499, -f 1 = 500..999, ... (0: off, use --num_folds)",
     "batch_size": "images per batch (CDM runs both branches and every tau of a batch in one UNet call per step)",
     "max_images": "evaluate at most this many images, evenly spaced over the sorted tumour slices (0: all)",
     "noise_level": "noise level Q: a fraction of the diffusion steps T in (0, 1) (0.1 = step 400 of 4000), "
@@ -91,6 +96,8 @@ def create_argparser():
 def _flag_error(flag, err):
     """The library's ValueError ('param value: why') as one line naming `flag`."""
     text = str(err)
+    if text.startswith("--"):  # already names its flag
+        return UserError(text)
     param = flag.lstrip("-")
     return UserError(f"{flag}{text[len(param):]}" if text.startswith(param) else f"{flag}: {text}")
 
@@ -117,7 +124,12 @@ def build_settings(args):
     for flag in ("batch_size", "num_folds"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")
-    if not 0 <= args.fold < args.num_folds:
+    if args.fold_size < 0:
+        raise UserError(f"--fold_size {args.fold_size}: must be 0 (off) or positive")
+    if args.fold_size and args.num_folds != 1:
+        raise UserError(f"--fold_size {args.fold_size} and --num_folds {args.num_folds} are two ways to define "
+                        f"folds; pass only one")
+    if args.fold < 0 or (not args.fold_size and args.fold >= args.num_folds):
         raise UserError(f"--fold {args.fold}: must lie in 0..{args.num_folds - 1} (--num_folds {args.num_folds})")
     if args.max_images < 0:
         raise UserError(f"--max_images {args.max_images}: must be 0 (all) or positive")
@@ -142,14 +154,7 @@ def find_classifier(args):
     if args.classifier_path:
         return args.classifier_path
     if args.save_dir:
-        require_dir(args.save_dir, "--save_dir")
-        newest = latest_checkpoint(args.save_dir, "model")
-        if newest is None:
-            fallbacks = [os.path.join(args.save_dir, n) for n in ("model.pt", "classifier_model.pt")]
-            newest = next((p for p in fallbacks if os.path.isfile(p)), None)
-        if newest is None:
-            raise UserError(f"--save_dir {args.save_dir}: no classifier checkpoint model*.pt in it; pass --classifier_path")
-        return newest
+        return checkpoint_from_dir(args.save_dir, "--save_dir", "classifier")
     raise UserError(f"--classifier_path is required for --method {args.method} (or --save_dir, the classifier's folder)")
 
 
@@ -185,8 +190,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     explicit = explicit_flags(parser, argv)
     settings, options = build_settings(args)
-    require_dir(args.src_dir, "--src_dir")
     dist_util.setup_dist()
+    log = print if dist_util.is_main_process() else (lambda *a: None)
+    if not args.src_dir:
+        args.src_dir = original_data_dir(log=log)
+    require_dir(args.src_dir, "--src_dir")
     device = dist_util.dev()
     model, diffusion, classifier, classifier_path, config = load_models(args, explicit, device)
     if diffusion is not None and METHODS[args.method].uses_tau:
@@ -197,7 +205,7 @@ def main(argv=None):
     try:
         slices = select_slices(args.src_dir, args.split, image_size=config["image_size"],
                                in_channels=config["in_channels"], fold=args.fold, num_folds=args.num_folds,
-                               max_images=args.max_images)
+                               fold_size=args.fold_size, max_images=args.max_images)
         if args.volumes:
             check_volumes_possible(args.src_dir, args.split, slices.names)
     except ValueError as err:
@@ -211,8 +219,8 @@ def main(argv=None):
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out_dir {out_dir}: exists and is not a folder")
 
-    log = print if dist_util.is_main_process() else (lambda *a: None)
-    log(f"{args.method}: {len(slices)} tumour images from {args.src_dir} ({args.split}, fold {args.fold}/{args.num_folds})")
+    folds = f"block {args.fold} of {args.fold_size}" if args.fold_size else f"fold {args.fold}/{args.num_folds}"
+    log(f"{args.method}: {len(slices)} tumour images from {args.src_dir} ({args.split}, {folds})")
     if args.method == "cam" and gap_linear_head(classifier) is None:
         log("cam: the classifier head is not GAP + linear, so CAM is computed in its gradient form (Grad-CAM)")
     torch.manual_seed(args.seed)
@@ -221,7 +229,8 @@ def main(argv=None):
                                  device=device)
     if dist_util.is_main_process():
         run_settings = {"model_path": args.model_path, "classifier_path": classifier_path, "src_dir": args.src_dir,
-                        "split": args.split, "fold": args.fold, "num_folds": args.num_folds, "seed": args.seed,
+                        "split": args.split, "fold": args.fold, "num_folds": args.num_folds,
+                        "fold_size": args.fold_size, "seed": args.seed,
                         "world_size": dist_util.get_world_size()}
         if METHODS[args.method].uses_ddpm:
             run_settings.update(noise_level=args.noise_level, steps=args.steps, stride=args.stride,

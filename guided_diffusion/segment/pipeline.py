@@ -38,9 +38,11 @@ def evenly_spaced(items, count):
     return [items[i] for i in np.linspace(0, len(items) - 1, count).round().astype(int)]
 
 
-def select_slices(src_dir, split, *, image_size, in_channels, fold=0, num_folds=1, max_images=0, log=print):
-    """The tumour slices of `split` that have a mask, in sorted order; fold `fold` of `num_folds`, then at
-    most `max_images` of them, evenly spaced so that a subset spans subjects."""
+def select_slices(src_dir, split, *, image_size, in_channels, fold=0, num_folds=1, fold_size=0, max_images=0,
+                  log=print):
+    """The tumour slices of `split` that have a mask, in sorted order; fold `fold` (of `num_folds`, or the
+    block of `fold_size`: see `datasets.select_fold`), then at most `max_images` of them, evenly spaced so
+    that a subset spans subjects."""
     from ..datasets import SliceDataset, list_slices, select_fold
 
     tumours = SliceDataset(src_dir, split, files=list_slices(src_dir, split, classes=("tumor",)))
@@ -49,7 +51,7 @@ def select_slices(src_dir, split, *, image_size, in_channels, fold=0, num_folds=
         raise ValueError(f"src_dir {src_dir}: no tumour image of the {split} split has a mask in seg/")
     if len(with_masks) < len(tumours.items):
         log(f"{len(tumours.items) - len(with_masks)} tumour images without a mask are not evaluated")
-    chosen = evenly_spaced(select_fold(with_masks, fold, num_folds), max_images)
+    chosen = evenly_spaced(select_fold(with_masks, fold, num_folds, fold_size), max_images)
     dataset = SliceDataset(src_dir, split, image_size=image_size, in_channels=in_channels, require_masks=True,
                            files=chosen)
     items = [dataset[i] for i in range(len(dataset))]

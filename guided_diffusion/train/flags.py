@@ -11,7 +11,7 @@ from .loop import parse_ema_rates
 from .precision import AMP_CHOICES
 
 DATASETS = ("brats", "demo", "synapse")
-# Image size used when --image_size is not given.
+# Image size used when --image_size is not given and the data do not give it (train_cli.default_image_size).
 DATASET_IMAGE_SIZE = {"brats": 224, "demo": 64, "synapse": 128}
 # At 224 px the feature maps are 224,112,56,28,14,7, so the usual "16,8" / "32,16,8" never occur;
 # these are the same depths in the network (downsampling by 8, 16, 32).
@@ -20,7 +20,8 @@ SIZE_DEFAULTS = {224: {"attention_resolutions": "28,14", "classifier_attention_r
 TRAIN_HELP = {
     "src_dir": "dataset root holding training/{normal,tumor} (and validation/) slice folders",
     "save_dir": "where checkpoints, args.json, log.txt, progress.csv and loss_curve.png go",
-    "dataset": "brats, demo or synapse; sets the default --image_size (224, 64, 128)",
+    "dataset": "brats, demo or synapse; when --image_size is not typed it is the side of the --src_dir images "
+               "(square, a size with a default channel_mult), else this dataset's size (224, 64, 128)",
     "split": "subfolder of --src_dir to train on",
     "schedule_sampler": "how training timesteps are drawn: uniform or loss-second-moment",
     "lr": "AdamW learning rate",
