@@ -176,6 +176,8 @@ def test_wrong_type_flags_print_one_line_and_point_to_help(tmp_path, capsys):
         (script_main("image_tumor_sample"), ["--num_samples", "x"], "argument --num_samples: invalid int value"),
         (script_main("prepare_brats"), ["--image_size", "big"], "argument --image_size: invalid int value"),
         (script_main("prepare_synapse"), [], "the following arguments are required: --input_dir, --out_dir"),
+        (script_main("prepare_chaos"), ["--modality", "t1"], "argument --modality: invalid choice: 't1'"),
+        (script_main("image_p_seg"), ["--fold_size", "half"], "argument --fold_size: invalid int value"),
     ]
     for main, argv, expected in cases:
         status, err = run_cli(argv, capsys, main=main)
@@ -250,7 +252,7 @@ def test_sampling_flags(tmp_path, capsys, argv, expected):
     (["--val_fraction", "1.5"], "--val_fraction must be in [0, 1)"),
 ])
 def test_converter_flags(tmp_path, capsys, argv, expected):
-    for name in ("prepare_brats", "prepare_synapse"):
+    for name in ("prepare_brats", "prepare_synapse", "prepare_chaos"):
         out = tmp_path / name
         status, err = run_cli(["--input_dir", str(tmp_path / "nowhere"), "--out_dir", str(out), *argv], capsys,
                               main=script_main(name))

@@ -277,3 +277,12 @@ def test_mapping_table_names_only_flags_the_scripts_have():
                                            capture_output=True, text=True, check=True).stdout
         for flag in set(re.findall(r"(?<![\w-])(--\w+|-f)(?![\w-])", row)):
             assert re.search(rf"(?<![\w-]){flag}(?![\w-])", helps[script]), (script, flag)
+
+
+def test_fold_flags_that_contradict_each_other_are_one_error():
+    from guided_diffusion.segment.command import main
+
+    with pytest.raises(UserError, match=r"^--fold_size 500 and --num_folds 4 are two ways to define folds"):
+        main(["--fold_size", "500", "--num_folds", "4", "--src_dir", "nowhere", "--model_path", "x.pt"])
+    with pytest.raises(UserError, match=r"^--fold_size -1: must be 0 \(off\) or positive"):
+        main(["--fold_size", "-1", "--src_dir", "nowhere", "--model_path", "x.pt"])
