@@ -1,4 +1,5 @@
-"""The diffusion UNet (class-conditional, soft labels allowed) and its encoder-half classifier.
+"""The diffusion UNet (class-conditional, soft labels allowed) and its encoder-half classifier,
+assembled from the blocks of `unet_blocks`.
 
 Module and parameter names follow the openai improved/guided-diffusion family
 (input_blocks, middle_block, output_blocks, out, time_embed, label_emb, ResBlock
@@ -7,228 +8,23 @@ norm/qkv/attention/proj_out), so checkpoints of that family load.
 `attention_resolutions` holds downsample factors (1, 2, 4, ...), not pixel sizes.
 """
 
-from abc import abstractmethod
-
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .cli import UserError
 from .fp16_util import convert_module_to_f16, convert_module_to_f32
-from .nn import (
-    SiLU,
-    avg_pool_nd,
-    checkpoint,
-    conv_nd,
-    linear,
-    normalization,
-    timestep_embedding,
-    zero_module,
+from .nn import SiLU, conv_nd, linear, normalization, timestep_embedding, zero_module
+from .unet_blocks import (  # noqa: F401  (re-exported: the blocks are part of this module's interface)
+    AttentionBlock,
+    Downsample,
+    ModelConfigError,
+    QKVAttention,
+    QKVAttentionLegacy,
+    ResBlock,
+    TimestepBlock,
+    TimestepEmbedSequential,
+    Upsample,
+    _heads,
 )
-
-
-class ModelConfigError(UserError, ValueError):
-    """An impossible network configuration; a user-fixable error that is also a ValueError."""
-
-
-class TimestepBlock(nn.Module):
-    """A module whose forward takes the timestep embedding as a second argument."""
-
-    @abstractmethod
-    def forward(self, x, emb):
-        """Apply the module to `x` given the timestep embedding `emb`."""
-
-
-class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
-    """A sequential container that hands the embedding to the children that take one."""
-
-    def forward(self, x, emb):
-        for layer in self:
-            x = layer(x, emb) if isinstance(layer, TimestepBlock) else layer(x)
-        return x
-
-
-def _spatial_stride(dims):
-    # 3-D signals are resampled in the inner two dimensions only.
-    return (1, 2, 2) if dims == 3 else 2
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour x2 upsampling, optionally followed by a 3x3 convolution."""
-
-    def __init__(self, channels, use_conv, dims=2, out_channels=None):
-        super().__init__()
-        self.channels = channels
-        self.out_channels = out_channels or channels
-        self.use_conv = use_conv
-        self.dims = dims
-        if use_conv:
-            self.conv = conv_nd(dims, self.channels, self.out_channels, 3, padding=1)
-
-    def forward(self, x):
-        assert x.shape[1] == self.channels
-        if self.dims == 3:
-            size = (x.shape[2], x.shape[3] * 2, x.shape[4] * 2)
-            x = F.interpolate(x, size, mode="nearest")
-        else:
-            x = F.interpolate(x, scale_factor=2, mode="nearest")
-        return self.conv(x) if self.use_conv else x
-
-
-class Downsample(nn.Module):
-    """x2 downsampling: a strided 3x3 convolution, or average pooling."""
-
-    def __init__(self, channels, use_conv, dims=2, out_channels=None):
-        super().__init__()
-        self.channels = channels
-        self.out_channels = out_channels or channels
-        stride = _spatial_stride(dims)
-        if use_conv:
-            self.op = conv_nd(dims, self.channels, self.out_channels, 3, stride=stride, padding=1)
-        else:
-            assert self.channels == self.out_channels
-            self.op = avg_pool_nd(dims, kernel_size=stride, stride=stride)
-
-    def forward(self, x):
-        assert x.shape[1] == self.channels
-        return self.op(x)
-
-
-class ResBlock(TimestepBlock):
-    """Residual block conditioned on the timestep embedding, optionally resampling.
-
-    The embedding is added to the features after the first convolution, or with
-    `use_scale_shift_norm` it modulates the second normalisation as
-    norm(h) * (1 + scale) + shift.
-    """
-
-    def __init__(self, channels, emb_channels, dropout, out_channels=None, use_conv=False,
-                 use_scale_shift_norm=False, dims=2, use_checkpoint=False, up=False, down=False):
-        super().__init__()
-        self.channels = channels
-        self.out_channels = out_channels or channels
-        self.use_checkpoint = use_checkpoint
-        self.use_scale_shift_norm = use_scale_shift_norm
-
-        self.in_layers = nn.Sequential(
-            normalization(channels), SiLU(), conv_nd(dims, channels, self.out_channels, 3, padding=1)
-        )
-        self.updown = up or down
-        if up:
-            self.h_upd, self.x_upd = Upsample(channels, False, dims), Upsample(channels, False, dims)
-        elif down:
-            self.h_upd, self.x_upd = Downsample(channels, False, dims), Downsample(channels, False, dims)
-        else:
-            self.h_upd = self.x_upd = nn.Identity()
-
-        emb_out = 2 * self.out_channels if use_scale_shift_norm else self.out_channels
-        self.emb_layers = nn.Sequential(SiLU(), linear(emb_channels, emb_out))
-        self.out_layers = nn.Sequential(
-            normalization(self.out_channels),
-            SiLU(),
-            nn.Dropout(p=dropout),
-            zero_module(conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)),
-        )
-        if self.out_channels == channels:
-            self.skip_connection = nn.Identity()
-        elif use_conv:
-            self.skip_connection = conv_nd(dims, channels, self.out_channels, 3, padding=1)
-        else:
-            self.skip_connection = conv_nd(dims, channels, self.out_channels, 1)
-
-    def forward(self, x, emb):
-        return checkpoint(self._forward, (x, emb), self.parameters(), self.use_checkpoint)
-
-    def _forward(self, x, emb):
-        if self.updown:
-            # Resample between the normalisation and the convolution of the first layer.
-            norm_act, conv = self.in_layers[:-1], self.in_layers[-1]
-            h = conv(self.h_upd(norm_act(x)))
-            x = self.x_upd(x)
-        else:
-            h = self.in_layers(x)
-        emb_out = self.emb_layers(emb).type(h.dtype)
-        emb_out = emb_out.reshape(emb_out.shape + (1,) * (h.ndim - emb_out.ndim))
-        if self.use_scale_shift_norm:
-            out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
-            scale, shift = torch.chunk(emb_out, 2, dim=1)
-            h = out_rest(out_norm(h) * (1 + scale) + shift)
-        else:
-            h = self.out_layers(h + emb_out)
-        return self.skip_connection(x) + h
-
-
-def _attention(q, k, v):
-    """softmax(q^T k / sqrt(d)) v for (N, heads, d, T) tensors; returns (N, heads, d, T)."""
-    out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-    return out.transpose(-1, -2)
-
-
-class QKVAttentionLegacy(nn.Module):
-    """Multi-head attention on a (B, 3*H*C, T) qkv tensor whose heads are split before q/k/v.
-
-    This is the layout of improved-diffusion checkpoints.
-    """
-
-    def __init__(self, n_heads):
-        super().__init__()
-        self.n_heads = n_heads
-
-    def forward(self, qkv):
-        batch, width, length = qkv.shape
-        assert width % (3 * self.n_heads) == 0
-        ch = width // (3 * self.n_heads)
-        q, k, v = qkv.reshape(batch, self.n_heads, 3 * ch, length).split(ch, dim=2)
-        return _attention(q, k, v).reshape(batch, -1, length)
-
-
-class QKVAttention(nn.Module):
-    """Multi-head attention on a (B, 3*H*C, T) qkv tensor split into q, k, v before the heads."""
-
-    def __init__(self, n_heads):
-        super().__init__()
-        self.n_heads = n_heads
-
-    def forward(self, qkv):
-        batch, width, length = qkv.shape
-        assert width % (3 * self.n_heads) == 0
-        ch = width // (3 * self.n_heads)
-        q, k, v = (t.reshape(batch, self.n_heads, ch, length) for t in qkv.chunk(3, dim=1))
-        return _attention(q, k, v).reshape(batch, -1, length)
-
-
-def _heads(channels, num_heads, num_head_channels):
-    if num_head_channels == -1:
-        return num_heads
-    if channels % num_head_channels:
-        raise ModelConfigError(
-            f"num_head_channels {num_head_channels} does not divide the {channels} channels of an attention layer"
-        )
-    return channels // num_head_channels
-
-
-class AttentionBlock(nn.Module):
-    """Self-attention over all spatial positions, as a residual branch (zero-initialised)."""
-
-    def __init__(self, channels, num_heads=1, num_head_channels=-1, use_checkpoint=False,
-                 use_new_attention_order=False):
-        super().__init__()
-        self.channels = channels
-        self.num_heads = _heads(channels, num_heads, num_head_channels)
-        self.use_checkpoint = use_checkpoint
-        self.norm = normalization(channels)
-        self.qkv = conv_nd(1, channels, channels * 3, 1)
-        self.attention = (QKVAttention if use_new_attention_order else QKVAttentionLegacy)(self.num_heads)
-        self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
-
-    def forward(self, x):
-        return checkpoint(self._forward, (x,), self.parameters(), self.use_checkpoint)
-
-    def _forward(self, x):
-        batch, channels, *spatial = x.shape
-        x = x.reshape(batch, channels, -1)
-        h = self.attention(self.qkv(self.norm(x)))
-        return (x + self.proj_out(h)).reshape(batch, channels, *spatial)
 
 
 def _check_levels(image_size, channel_mult, attention_resolutions):

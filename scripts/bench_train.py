@@ -69,11 +69,11 @@ class Variant:
         """Seconds for `steps` training steps."""
         import torch
 
-        from guided_diffusion import unet
+        from guided_diffusion import unet_blocks
 
-        fused = unet._attention
+        fused = unet_blocks._attention
         if self.variant == "explicit_attention":
-            unet._attention = explicit_attention
+            unet_blocks._attention = explicit_attention
         try:
             start = time.perf_counter()
             for _ in range(steps):
@@ -82,7 +82,7 @@ class Variant:
                 torch.cuda.synchronize()
             return time.perf_counter() - start
         finally:
-            unet._attention = fused
+            unet_blocks._attention = fused
 
 
 def peak_memory(config_name, variant, threads, queue):
