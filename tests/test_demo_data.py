@@ -15,6 +15,7 @@ from scipy.spatial import ConvexHull, Delaunay
 
 from guided_diffusion import demo_data, volumes
 from guided_diffusion.cli import UserError
+from test_prepare import snapshot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "scripts"))
@@ -112,15 +113,6 @@ def test_smooth_field_is_standardised_and_smooth():
     assert field.shape == (40, 30, 20)
     assert abs(field.mean()) < 1e-5 and abs(field.std() - 1) < 1e-4
     assert np.abs(np.diff(field, axis=0)).mean() < 0.3  # neighbours nearly equal
-
-
-def snapshot(root):
-    files = {}
-    for folder, _, names in os.walk(root):
-        for name in names:
-            with open(os.path.join(folder, name), "rb") as f:
-                files[os.path.relpath(os.path.join(folder, name), root)] = f.read()
-    return files
 
 
 def test_whole_generator_on_the_mni_template(tmp_path):

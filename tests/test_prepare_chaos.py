@@ -24,6 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from guided_diffusion import chaos, volumes
 from guided_diffusion.cli import UserError
+from test_prepare import read_png, snapshot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "scripts"))
@@ -158,10 +159,6 @@ def t2(chaos_dir, tmp_path_factory):
     return out, rows, settings
 
 
-def read_png(path):
-    return np.asarray(Image.open(path))
-
-
 def test_slices_follow_the_geometry_not_the_file_names(t2, chaos_dir):
     out, rows, settings = t2
     assert {r["subject"] for r in rows} == set(PATIENTS)
@@ -273,15 +270,6 @@ def test_rerun_gives_identical_files(chaos_dir, tmp_path):
     convert(chaos_dir, tmp_path / "a", "--workers", "2")  # replaces the earlier export
     assert snapshot(tmp_path / "a") == first
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
-
-
-def snapshot(root):
-    files = {}
-    for folder, _, names in os.walk(root):
-        for name in names:
-            with open(os.path.join(folder, name), "rb") as f:
-                files[os.path.relpath(os.path.join(folder, name), root)] = f.read()
-    return files
 
 
 def test_the_three_modalities(chaos_dir, t2, tmp_path):
