@@ -456,6 +456,16 @@ def export_slice_dataset(cases, out_root, options, *, input_dir, val_fraction=0.
     return counts
 
 
+def add_converter_flags(parser, unit):
+    """The converters' --val_fraction, --seed and --workers (checked by `check_converter_flags`); `unit`
+    names what is split and converted: subjects, cases, patients."""
+    parser.add_argument("--val_fraction", type=float, default=0.2,
+                        help=f"fraction of {unit} for validation (default: 0.2)")
+    parser.add_argument("--seed", type=int, default=0, help=f"seed of the {unit[:-1]} split (default: 0)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help=f"processes converting {unit} in parallel (default: 1)")
+
+
 def check_converter_flags(args):
     """The converter flags (--workers, --seed, --val_fraction) checked before any input is read."""
     if args.workers < 1:

@@ -17,8 +17,8 @@ import argparse
 
 from guided_diffusion.cli import ArgumentParser, run_main
 from guided_diffusion.volumes import (
-    SliceOptions, check_converter_flags, check_slice_options, export_slice_dataset, find_brats_cases, format_counts, parse_int_list,
-    parse_modalities,
+    SliceOptions, add_converter_flags, check_converter_flags, check_slice_options, export_slice_dataset,
+    find_brats_cases, format_counts, parse_int_list, parse_modalities,
 )
 
 
@@ -46,9 +46,7 @@ def create_argparser():
     p.add_argument("--crop_margin", type=int, default=4, help="voxels added around the brain's box (default: 4)")
     p.add_argument("--format", choices=("png", "jpg"), default="png",
                    help="file type of one-channel images; several channels are always .npy (default: png)")
-    p.add_argument("--val_fraction", type=float, default=0.2, help="fraction of subjects for validation (default: 0.2)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the subject split (default: 0)")
-    p.add_argument("--workers", type=int, default=1, help="processes converting subjects in parallel (default: 1)")
+    add_converter_flags(p, "subjects")
     return p
 
 

@@ -15,8 +15,8 @@ import argparse
 
 from guided_diffusion.cli import ArgumentParser, UserError, run_main
 from guided_diffusion.volumes import (
-    SliceOptions, check_converter_flags, check_slice_options, export_slice_dataset, find_btcv_cases, format_counts,
-    parse_int_list,
+    SliceOptions, add_converter_flags, check_converter_flags, check_slice_options, export_slice_dataset,
+    find_btcv_cases, format_counts, parse_int_list,
 )
 
 
@@ -34,9 +34,7 @@ def create_argparser():
     p.add_argument("--min_tumor_pixels", type=int, default=10,
                    help="organ pixels (after resizing) a slice needs to be positive (default: 10)")
     p.add_argument("--format", choices=("png", "jpg"), default="png", help="image file type (default: png)")
-    p.add_argument("--val_fraction", type=float, default=0.2, help="fraction of cases for validation (default: 0.2)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the case split (default: 0)")
-    p.add_argument("--workers", type=int, default=1, help="processes converting cases in parallel (default: 1)")
+    add_converter_flags(p, "cases")
     return p
 
 
