@@ -229,17 +229,22 @@ class SliceDataset(torch.utils.data.Dataset):
                     has_mask=mask_path is not None, name=os.path.basename(path), path=path)
 
 
+def check_fold_size(fold_size, num_folds):
+    """--fold_size is 0 (off) or positive, and is not combined with --num_folds."""
+    if fold_size < 0:
+        raise UserError(f"--fold_size {fold_size}: must be 0 (off) or positive")
+    if fold_size and num_folds != 1:
+        raise UserError(f"--fold_size {fold_size} and --num_folds {num_folds} are two ways to define folds; "
+                        f"pass only one")
+
+
 def select_fold(items, fold, num_folds, fold_size=0):
     """Fold `fold` of the sorted items: one of `num_folds` contiguous, near-equal parts, or, with
     `fold_size` > 0, the fixed block items[fold * fold_size : (fold + 1) * fold_size] (the original
     code's folds: blocks of 500 tumour slices)."""
     items = sorted(items)
-    if fold_size < 0:
-        raise UserError(f"--fold_size must be 0 (off) or positive, got {fold_size}")
+    check_fold_size(fold_size, num_folds)
     if fold_size:
-        if num_folds != 1:
-            raise UserError(f"--fold_size {fold_size} and --num_folds {num_folds} are two ways to define folds; "
-                            f"pass only one")
         blocks = -(-len(items) // fold_size)
         if not 0 <= fold < blocks:
             raise UserError(f"--fold {fold} is out of range 0..{blocks - 1}: {len(items)} items make {blocks} "

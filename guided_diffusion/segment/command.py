@@ -22,6 +22,7 @@ import torch
 from .. import dist_util
 from ..checkpoint_util import check_same_diffusion, load_classifier, load_model_and_diffusion
 from ..cli import ArgumentParser, UserError, add_flags, explicit_flags, require_dir
+from ..datasets import check_fold_size
 from ..implicit_inputs import checkpoint_from_dir, original_data_dir
 from ..script_util import FLAG_ALIASES, FLAG_HELP, classifier_defaults, diffusion_from_config, model_and_diffusion_defaults
 from .cam import gap_linear_head
@@ -124,11 +125,7 @@ def build_settings(args):
     for flag in ("batch_size", "num_folds"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} {getattr(args, flag)}: must be at least 1")
-    if args.fold_size < 0:
-        raise UserError(f"--fold_size {args.fold_size}: must be 0 (off) or positive")
-    if args.fold_size and args.num_folds != 1:
-        raise UserError(f"--fold_size {args.fold_size} and --num_folds {args.num_folds} are two ways to define "
-                        f"folds; pass only one")
+    check_fold_size(args.fold_size, args.num_folds)  # before any model is loaded
     if args.fold < 0 or (not args.fold_size and args.fold >= args.num_folds):
         raise UserError(f"--fold {args.fold}: must lie in 0..{args.num_folds - 1} (--num_folds {args.num_folds})")
     if args.max_images < 0:
