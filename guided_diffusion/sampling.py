@@ -295,14 +295,13 @@ def check_data_fits(src_dir, model_config, classifier_config=None):
             f"{size} x {size} with {in_channels} channel(s){resized}")
 
 
-def _implied_checkpoint(folder, default_dirs, flag, what, log):
-    """The newest checkpoint in `folder` (--save_dir in the original code's meaning), else the newest one the
-    training scripts wrote to their default folders."""
-    if not folder:
+def _implied_checkpoint(saved_checkpoint, default_dirs, flag, what, log):
+    """`saved_checkpoint` (the newest one in --save_dir), else the newest one the training scripts wrote to
+    their default folders."""
+    if saved_checkpoint is None:
         return newest_checkpoint(default_dirs, flag, what, log=log)
-    path = checkpoint_in(folder)
-    log(f"{flag} not given: using {path}, the newest checkpoint in --save_dir")
-    return path
+    log(f"{flag} not given: using {saved_checkpoint}, the newest checkpoint in --save_dir")
+    return saved_checkpoint
 
 
 def sample_main(argv=None, guided=False):
@@ -315,11 +314,13 @@ def sample_main(argv=None, guided=False):
     dist_util.setup_dist()
     device = dist_util.dev()
     log = print if dist_util.is_main_process() else (lambda *a: None)
-    checkpoints_dir = args.save_dir if args.save_dir and checkpoint_in(args.save_dir) else ""
+    # A --save_dir holding checkpoints is the model's folder (the original code's meaning).
+    saved_checkpoint = checkpoint_in(args.save_dir) if args.save_dir else None
     if not args.model_path:
-        args.model_path = _implied_checkpoint("" if guided else checkpoints_dir, DDPM_DIRS, "--model_path", "DDPM", log)
+        args.model_path = _implied_checkpoint(None if guided else saved_checkpoint, DDPM_DIRS, "--model_path",
+                                              "DDPM", log)
     if guided and not args.classifier_path:
-        args.classifier_path = _implied_checkpoint(checkpoints_dir, CLASSIFIER_DIRS, "--classifier_path",
+        args.classifier_path = _implied_checkpoint(saved_checkpoint, CLASSIFIER_DIRS, "--classifier_path",
                                                    "classifier", log)
     model, diffusion, config = load_model_and_diffusion(args.model_path, args, explicit, device)
     trained_range = float(read_args_json(args.model_path).get("max_noise_level", 1.0))
@@ -344,8 +345,8 @@ def sample_main(argv=None, guided=False):
         if classifier_config else {}
     if args.src_dir:
         log(check_data_fits(args.src_dir, config, classifier_config))
-    if checkpoints_dir:  # a model's folder: its log.txt and checkpoints stay apart from the samples
-        save_dir = os.path.join(checkpoints_dir, "samples")
+    if saved_checkpoint is not None:  # a model's folder: its log.txt and checkpoints stay apart from the samples
+        save_dir = os.path.join(args.save_dir, "samples")
     else:
         save_dir = args.save_dir or os.path.join(os.path.dirname(os.path.abspath(args.model_path)), "samples")
     if dist_util.is_main_process():
