@@ -117,6 +117,21 @@ def test_attention_orderings_match_explicit_reference(legacy):
             assert torch.allclose(out[b, h * ch:(h + 1) * ch], expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+def test_upsample_repeats_each_value_in_a_two_by_two_block_as_interpolate_does(dims):
+    torch.manual_seed(0)
+    x = torch.randn((2, 4, 3, 5, 6) if dims == 3 else (2, 4, 5, 6), requires_grad=True)
+    out = Upsample(4, use_conv=False, dims=dims)(x)
+    size = (3, 10, 12) if dims == 3 else (10, 12)  # 3-D signals: the inner two dimensions only
+    expected = torch.nn.functional.interpolate(x, size, mode="nearest")
+    assert out.shape == expected.shape and torch.equal(out, expected)
+    assert torch.equal(out[..., 3, 5], x[..., 1, 2]) and torch.equal(out[..., 2, 4], x[..., 1, 2])
+    weights = torch.randn_like(out)
+    (grad,) = torch.autograd.grad((out * weights).sum(), x)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), x)
+    assert torch.allclose(grad, expected_grad, atol=1e-6)
+
+
 def test_attention_block_is_identity_at_init_and_uses_head_channels():
     block = AttentionBlock(64, num_head_channels=16)
     assert block.num_heads == 4
