@@ -69,9 +69,11 @@ def cdm_branch_steps(model, diffusion, x0, y1, *, noise_level=0.1, steps=10, tau
     zeros = torch.zeros_like(x)  # eta = 0: no fresh noise
     for index in range(steps, 0, -1):
         t = torch.full((x.shape[0],), index, device=x.device, dtype=torch.long)
+        # Every branch starts from the same x_Q: the guidance classifier runs once on the B images.
+        step_kwargs = {**model_kwargs, "guide_copies": branches} if index == steps else model_kwargs
         with torch.no_grad():
             x = chain.ddim_sample(step_model, x, t, clip_denoised=clip_denoised, cond_fn=cond_fn,
-                                  model_kwargs=model_kwargs, eta=0.0, noise=zeros)["sample"]
+                                  model_kwargs=step_kwargs, eta=0.0, noise=zeros)["sample"]
         parts = x.split(batch)
         yield parts[0], list(parts[1:])
 

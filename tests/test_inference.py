@@ -1,0 +1,210 @@
+"""Inference options (precision, compile, CPU memory reuse) and the cheaper guidance passes: the maps
+and gradients they give equal the plain computation's (tiny random networks, CPU)."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from guided_diffusion import inference
+from guided_diffusion.cli import UserError
+from guided_diffusion.guidance import classifier_log_prob_gradient, make_classifier_cond_fn
+from guided_diffusion.script_util import create_classifier, create_model_and_diffusion, model_and_diffusion_defaults
+from guided_diffusion.segment import saliency
+
+T = 200
+
+
+def random_unet(size=16):
+    config = model_and_diffusion_defaults()
+    config.update(image_size=size, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
+                  diffusion_steps=T, class_cond=True)
+    model, diffusion = create_model_and_diffusion(**config)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+        model.label_emb.weight.mul_(20)
+    return model.eval(), diffusion
+
+
+def random_classifier(size=16, num_classes=2):
+    torch.manual_seed(5)
+    classifier = create_classifier(size, num_classes=num_classes, classifier_width=32, classifier_depth=1,
+                                   classifier_attention_resolutions="8", classifier_channel_mult="1,2",
+                                   classifier_num_head_channels=32)
+    with torch.no_grad():
+        for p in classifier.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return classifier.eval()
+
+
+class Recording(nn.Module):
+    """A network that records the batch size of every call."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.batches = net, []
+
+    def forward(self, x, *args, **kwargs):
+        self.batches.append(x.shape[0])
+        return self.net(x, *args, **kwargs)
+
+
+def images(batch, size=16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 1, size, size, generator=generator) * 1.6 - 0.8, \
+        torch.randn(batch, 1, size, size, generator=generator)
+
+
+# ---------------------------------------------------------------------------------------------
+# Guidance on stacked copies
+
+
+@pytest.mark.parametrize("num_classes, copies", [(2, 2), (2, 3), (3, 2), (3, 4)])
+def test_gradient_on_stacked_copies_equals_each_copys_own_gradient(num_classes, copies):
+    classifier = Recording(random_classifier(num_classes=num_classes))
+    x, _ = images(2)
+    t = torch.tensor([30, 70])
+    generator = torch.Generator().manual_seed(1)
+    hard = torch.randint(0, num_classes, (copies * 2,), generator=generator)
+    soft = torch.softmax(torch.randn(copies * 2, num_classes, generator=generator), dim=1)
+    for target in (hard, soft):
+        shared = classifier_log_prob_gradient(classifier, x.repeat(copies, 1, 1, 1), t.repeat(copies), target,
+                                              copies=copies)
+        assert classifier.batches[-1] == 2  # one forward pass on the two images
+        for c in range(copies):
+            own = classifier_log_prob_gradient(classifier, x, t, target[2 * c:2 * c + 2])
+            assert own.abs().max() > 1e-3
+            torch.testing.assert_close(shared[2 * c:2 * c + 2], own, rtol=1e-4, atol=1e-6)
+
+
+def test_cgcdm_runs_the_classifier_once_on_the_batch_at_its_first_step_with_the_same_maps():
+    model, diffusion = random_unet()
+    classifier = Recording(random_classifier())
+    x0, noise = images(2, seed=1)
+    y1 = torch.ones(2, dtype=torch.long)
+    cond_fn = make_classifier_cond_fn(classifier, 10.0)
+    kwargs = dict(noise_level=30, steps=3, taus=(0.95, 0.0), noise=noise)
+    maps = saliency.cdm_saliency_multi(model, diffusion, x0, y1, cond_fn=cond_fn, **kwargs)
+    assert classifier.batches == [2, 6, 6]  # 3 branches (A and two taus) of 2 images, shared at x_Q
+
+    def every_row(x, t, guide_copies=None, **model_kwargs):  # guidance that ignores the sharing
+        return cond_fn(x, t, **model_kwargs)
+
+    plain = saliency.cdm_saliency_multi(model, diffusion, x0, y1, cond_fn=every_row, **kwargs)
+    assert classifier.batches[3:] == [6, 6, 6]
+    unguided = saliency.cdm_saliency_multi(model, diffusion, x0, y1, **kwargs)
+    for tau in (0.95, 0.0):
+        # Sharing changes the float32 rounding only (~5e-5 of the map, the tau 0.95 map divides by 0.05);
+        # guidance itself moves these maps by about their own size.
+        scale = np.abs(plain[tau]).max()
+        assert np.abs(plain[tau] - unguided[tau]).max() > 0.5 * scale
+        np.testing.assert_allclose(maps[tau], plain[tau], rtol=0, atol=3e-4 * scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare_for_inference
+
+
+def test_fp32_setup_gives_the_raw_networks_results_bitwise():
+    model, diffusion = random_unet()
+    classifier = random_classifier()
+    setup = inference.prepare_for_inference(model, classifier, device="cpu")
+    assert setup.dtype is None and not setup.compiled
+    assert setup.model.num_classes == 2 and setup.model.image_size == 16  # the network's attributes
+    x0, noise = images(2, seed=2)
+    y1 = torch.ones(2, dtype=torch.long)
+    t = torch.tensor([10, 20])
+    with torch.no_grad():
+        assert torch.equal(setup.model(x0, t, y=y1), model(x0, t, y=y1))
+    kwargs = dict(noise_level=30, steps=2, tau=0.0, noise=noise)
+    raw = saliency.cdm_saliency(model, diffusion, x0, y1, cond_fn=make_classifier_cond_fn(classifier, 10.0), **kwargs)
+    prepared = saliency.cdm_saliency(setup.model, diffusion, x0, y1,
+                                     cond_fn=make_classifier_cond_fn(setup.classifier, 10.0), **kwargs)
+    assert np.abs(raw).max() > 1e-3 and np.array_equal(prepared, raw)
+
+
+def test_bf16_runs_the_unet_under_autocast_with_float32_outputs_and_guidance_in_float32():
+    model, diffusion = random_unet()
+    classifier = random_classifier()
+    setup = inference.prepare_for_inference(model, classifier, precision="bf16", device="cpu")
+    assert setup.dtype == torch.bfloat16
+    x0, noise = images(4, seed=3)
+    t = torch.tensor([10, 20, 30, 40])
+    y = torch.tensor([0, 1, 0, 1])
+    with torch.no_grad():
+        full, low = model(x0, t, y=y), setup.model(x0, t, y=y)
+    assert low.dtype == torch.float32
+    error = (low - full).abs().max() / full.abs().max()
+    assert 1e-4 < error < 0.05  # bfloat16 rounding (8 bits of mantissa), not float32's
+    exact = classifier_log_prob_gradient(classifier, x0, t, y)
+    with setup.autocast():
+        assert torch.is_autocast_enabled("cpu")
+        guided = classifier_log_prob_gradient(setup.classifier, x0, t, y)
+    assert guided.dtype == torch.float32 and torch.equal(guided, exact)
+
+
+def test_precision_names_and_devices_are_checked():
+    assert inference.autocast_dtype("fp16", "cpu") == torch.float16
+    with pytest.raises(UserError, match="--precision 'fp8'"):
+        inference.autocast_dtype("fp8", "cpu")
+    parser = inference.add_inference_flags(__import__("argparse").ArgumentParser())
+    assert vars(parser.parse_args(["--compile"])) == {"precision": "fp32", "compile": True}
+    assert parser.parse_args(["--precision", "bf16", "--compile", "False"]).compile is False
+
+
+def test_compiled_setup_matches_eager_and_keeps_the_attributes():
+    torch.manual_seed(0)
+
+    class Small(nn.Module):
+        num_classes = 2
+
+        def __init__(self):
+            super().__init__()
+            self.inner, self.outer = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 1, 3, padding=1)
+
+        def forward(self, x, t, y=None):
+            return self.outer(torch.nn.functional.silu(self.inner(x)))
+
+    net = Small()
+    setup = inference.prepare_for_inference(net, None, compile=True, device="cpu")
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(setup.model(x, None), net(x, None), rtol=1e-5, atol=1e-6)
+    assert setup.compiled and setup.model.num_classes == 2 and setup.classifier is None
+
+
+FREED_MEMORY_SCRIPT = """
+import torch
+from guided_diffusion.inference import reuse_freed_cpu_memory
+
+def resident_mib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+def after_free():
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, written
+    held = resident_mib()
+    del block
+    return held - resident_mib()
+
+print(after_free(), reuse_freed_cpu_memory(), reuse_freed_cpu_memory(), after_free())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_freed_memory_is_kept_for_reuse_after_the_switch():
+    # In its own process: the switch is process-wide.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", FREED_MEMORY_SCRIPT], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    released_before, applied, again, released_after = result.stdout.split()
+    assert applied == again == "True"
+    assert float(released_before) > 60  # glibc unmaps a freed 64 MiB block ...
+    assert abs(float(released_after)) < 4  # ... and keeps it once the switch is on
