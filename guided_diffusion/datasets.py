@@ -211,6 +211,11 @@ class SliceDataset(torch.utils.data.Dataset):
         """The label of every item, without reading images."""
         return [label for _, label in self.items]
 
+    @property
+    def names(self):
+        """The file name of every item, as items give it."""
+        return [os.path.basename(path) for path, _ in self.items]
+
     def __getitem__(self, index):
         path, label = self.items[index]
         image = torch.from_numpy(read_image(path, self.in_channels))

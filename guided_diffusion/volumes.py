@@ -288,6 +288,43 @@ def split_subjects(subjects, val_fraction, seed):
     return {s: ("validation" if s in validation else "training") for s in names}
 
 
+def normalise_volume(volume, options):
+    """Channels (C, X, Y, Z) of raw intensities -> (channels in [0, 1], foreground (X, Y, Z) bool) by
+    `options.intensity`: the converters and `segment_scans.py` share this, so a scan is normalised
+    exactly as the training slices were."""
+    if options.intensity == "brain":
+        foreground = (volume != 0).any(0)  # skull-stripped data: background is exactly zero
+        low, high = options.clip_percentiles
+        channels = np.stack([normalize_percentiles(v, foreground, low, high) for v in volume])
+    elif options.intensity == "ct":
+        foreground = np.ones(volume.shape[1:], bool)
+        channels = ct_window(volume, *options.ct_window)
+    elif options.intensity == "percentile":
+        foreground = np.ones(volume.shape[1:], bool)  # no background to leave out: every voxel counts
+        low, high = options.clip_percentiles
+        channels = np.stack([normalize_percentiles(v, foreground, low, high) for v in volume])
+    else:
+        raise ValueError(f"unknown intensity mode {options.intensity!r}")
+    return channels, foreground
+
+
+def slice_geometry(foreground, options):
+    """(box, z indices) of a volume: the square crop box (see `square_box`) and the axial slices with
+    enough foreground (`options.min_brain_fraction` of the largest)."""
+    if options.crop == "brain":
+        box = square_box(foreground.any(2), options.crop_margin)
+    else:
+        box = square_box(np.ones(foreground.shape[:2], bool))
+    area = foreground.sum((0, 1))
+    keep = (area > 0) & (area >= options.min_brain_fraction * area.max())
+    return box, [int(z) for z in np.flatnonzero(keep)]
+
+
+def cut_image(channels, box, z, size):
+    """Slice z of normalised channels as the written uint8 image (C, size, size)."""
+    return np.stack([to_uint8(resize2d(cut_box(c[:, :, z], box), (size, size))) for c in channels])
+
+
 def _read_case(case, options):
     """Load a case's channels (normalised to [0, 1]), lesion mask and brain footprint."""
     loaded = [load_canonical(p) for p in case.images]
@@ -298,22 +335,9 @@ def _read_case(case, options):
             raise UserError(f"{path}: shape {data.shape} differs from {case.images[0]} {shape}")
     if seg.shape != shape:
         raise UserError(f"{case.seg}: mask shape {seg.shape} differs from image {case.images[0]} shape {shape}")
-    volume = np.stack([data for data, _ in loaded])
     labels = np.rint(seg).astype(np.int64)
     lesion = np.isin(labels, options.lesion_labels) if options.lesion_labels else labels != 0
-    if options.intensity == "brain":
-        foreground = (volume != 0).any(0)  # skull-stripped data: background is exactly zero
-        low, high = options.clip_percentiles
-        channels = np.stack([normalize_percentiles(v, foreground, low, high) for v in volume])
-    elif options.intensity == "ct":
-        foreground = np.ones(shape, bool)
-        channels = ct_window(volume, *options.ct_window)
-    elif options.intensity == "percentile":
-        foreground = np.ones(shape, bool)  # no background to leave out: every voxel counts
-        low, high = options.clip_percentiles
-        channels = np.stack([normalize_percentiles(v, foreground, low, high) for v in volume])
-    else:
-        raise ValueError(f"unknown intensity mode {options.intensity!r}")
+    channels, foreground = normalise_volume(np.stack([data for data, _ in loaded]), options)
     return channels, lesion, foreground
 
 
@@ -337,15 +361,9 @@ def export_case(case, split, options, out_root):
     """Write the usable slices of one case under out_root/split and return their manifest rows."""
     channels, lesion, foreground = _read_case(case, options)
     size = options.image_size
-    if options.crop == "brain":
-        box = square_box(foreground.any(2), options.crop_margin)
-    else:
-        box = square_box(np.ones(foreground.shape[:2], bool))
-    brain_area = foreground.sum((0, 1))
-    keep = (brain_area > 0) & (brain_area >= options.min_brain_fraction * brain_area.max())
+    box, kept = slice_geometry(foreground, options)
     rows = []
-    for z in np.flatnonzero(keep):
-        z = int(z)
+    for z in kept:
         mask = resize2d(cut_box(lesion[:, :, z].astype(np.float32), box), (size, size), nearest=True) > 0.5
         lesion_pixels = int(mask.sum())
         if not lesion[:, :, z].any():
@@ -354,7 +372,7 @@ def export_case(case, split, options, out_root):
             label = "tumor"
         else:
             continue  # a lesion too small to call the slice either way
-        image = np.stack([to_uint8(resize2d(cut_box(c[:, :, z], box), (size, size))) for c in channels])
+        image = cut_image(channels, box, z, size)
         stem = f"{case.subject}_z{z:03d}"
         name = _write_slice(os.path.join(out_root, split, label, stem), image, options.image_format)
         Image.fromarray(mask.astype(np.uint8) * 255).save(os.path.join(out_root, split, "seg", stem + ".png"))
@@ -379,6 +397,15 @@ def _final_path(path, tmp, final):
     """`path` as it will be once the temporary output folder `tmp` is renamed to `final`."""
     if os.path.commonpath([path, tmp]) == tmp:
         return os.path.join(final, os.path.relpath(path, tmp))
+    return path
+
+
+def _stored_path(path, out_root, input_dir):
+    """How the manifest stores a volume's path: relative to the dataset root when inside it, else relative
+    to the input folder when inside that, else absolute; see `resolve_source`."""
+    for base in (out_root, input_dir):
+        if os.path.commonpath([path, base]) == base:
+            return os.path.relpath(path, base)
     return path
 
 
@@ -428,9 +455,10 @@ def export_slice_dataset(cases, out_root, options, *, input_dir, val_fraction=0.
                 collect(pool.map(_export_job, jobs))
         else:
             collect(map(_export_job, jobs))
-        for row in rows:  # volumes staged inside the temporary folder: record where they will be
-            row["source"] = _final_path(row["source"], tmp, out_root)
-            row["seg_source"] = _final_path(row["seg_source"], tmp, out_root)
+        input_dir = os.path.abspath(input_dir)
+        for row in rows:  # relative to the dataset (volumes staged inside it) or to the input folder
+            for key in ("source", "seg_source"):
+                row[key] = _stored_path(_final_path(row[key], tmp, out_root), out_root, input_dir)
         counts = {s: {c: sum(r["split"] == s and r["label"] == c for r in rows) for c in CLASSES} for s in SPLITS}
         for split in SPLITS:
             has_subjects = split in split_of.values()
@@ -444,7 +472,8 @@ def export_slice_dataset(cases, out_root, options, *, input_dir, val_fraction=0.
             writer.writeheader()
             writer.writerows(rows)
         settings = dict(
-            input_dir=os.path.abspath(input_dir), options=asdict(options), val_fraction=val_fraction, seed=seed,
+            input_dir=input_dir, input_dir_relative=os.path.relpath(input_dir, out_root), options=asdict(options),
+            val_fraction=val_fraction, seed=seed,
             counts=counts,
             subjects={s: sorted(k for k, v in split_of.items() if v == s) for s in SPLITS},
             **({"cases": staged} if stage is not None else {}),
@@ -484,8 +513,42 @@ def format_counts(counts):
 # ----------------------------------------------------------------------------- back to 3-D
 
 
-def read_manifest(root):
-    """Rows of ROOT/manifest.csv as dicts, integer columns converted."""
+def read_settings(root):
+    """ROOT/dataset.json as a dict ({} when there is none, as in hand-made layouts)."""
+    path = os.path.join(root, SETTINGS_NAME)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot read the dataset settings ({_one_line(err)})") from None
+
+
+def resolve_source(root, stored, settings=None, raw_dir=None):
+    """The path of a volume the manifest stores as `stored`.
+
+    An absolute path (manifests written before paths were relative) is taken as it is. A relative one
+    is looked up, first hit wins: under `raw_dir` (the raw data's new place, given by the user), under
+    the dataset root (volumes written inside the dataset), under the input folder recorded in
+    dataset.json, relative to the root (so a dataset moved together with its raw data still resolves),
+    then as recorded. Without a hit it is the recorded input folder's path, for the error message.
+    """
+    if os.path.isabs(stored):
+        return stored
+    settings = read_settings(root) if settings is None else settings
+    candidates = [os.path.join(raw_dir, stored)] if raw_dir else []
+    candidates.append(os.path.join(root, stored))
+    if settings.get("input_dir_relative"):
+        candidates.append(os.path.normpath(os.path.join(root, settings["input_dir_relative"], stored)))
+    if settings.get("input_dir"):
+        candidates.append(os.path.join(settings["input_dir"], stored))
+    return next((c for c in candidates if os.path.exists(c)), candidates[-1])
+
+
+def read_manifest(root, raw_dir=None):
+    """Rows of ROOT/manifest.csv as dicts, integer columns converted and `source` / `seg_source` resolved
+    to paths (see `resolve_source`; `raw_dir` is where the raw data are now, if they moved)."""
     path = os.path.join(root, MANIFEST_NAME)
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file (the prepare scripts write it beside training/ and validation/)")
@@ -495,10 +558,66 @@ def read_manifest(root):
         if missing:
             raise UserError(f"{path}: not a slice manifest (missing columns {', '.join(missing)})")
         rows = list(reader)
+    settings = read_settings(root)
     for row in rows:
         for key in MANIFEST_INT_FIELDS:
             row[key] = int(row[key])
+        for key in ("source", "seg_source"):
+            if row[key]:
+                row[key] = resolve_source(root, row[key], settings, raw_dir)
     return rows
+
+
+def paste_subject_masks(src_dir, split, names, kinds, folder, raw_dir=None):
+    """Slice masks back into each subject's source grid, written as `<subject>_pred<kind>.nii.gz` (uint8)
+    in `folder`; returns one row per subject with 3-D Dice per kind where its label map is found.
+
+    names: the segmented slice files of `split`; kinds: {suffix: name -> (H, W) bool mask}.
+    """
+    from .metrics import dice_3d
+
+    rows = [r for r in read_manifest(src_dir, raw_dir) if r["split"] == split]
+    lesion_labels = tuple(read_settings(src_dir).get("options", {}).get("lesion_labels", ()) or ())
+    by_name = {os.path.basename(r["file"]): r for r in rows}
+    segmented = {os.path.basename(n) for n in names}
+    os.makedirs(folder, exist_ok=True)
+    results = []
+    for source in sorted({by_name[n]["source"] for n in segmented}):
+        if not os.path.isfile(source):
+            raise UserError(f"{src_dir}: the source volume {source} is not there (moved? pass --raw_dir, the "
+                            f"raw data's new folder)")
+        subject_rows = [r for r in rows if r["source"] == source]
+        mine = [r for r in subject_rows if os.path.basename(r["file"]) in segmented]
+        seg_path = subject_rows[0]["seg_source"]
+        gt = None
+        if seg_path and os.path.isfile(seg_path):
+            seg = np.rint(np.asarray(nib.load(seg_path).dataobj)).astype(np.int64)
+            gt = np.isin(seg, lesion_labels) if lesion_labels else seg != 0
+        result = {"subject": subject_rows[0]["subject"], "slices_evaluated": len(mine)}
+        for suffix, mask_of in kinds.items():
+            pasted = paste_slices(mine, {r["file"]: mask_of(r["file"]).astype(np.float32) for r in mine},
+                                  nearest=True, source=source)
+            prediction = np.asarray(pasted.dataobj) > 0.5
+            if gt is not None and prediction.shape != gt.shape:
+                raise UserError(f"{seg_path}: shape {gt.shape} differs from {source} {prediction.shape}")
+            result[f"dice_3d{suffix}"] = dice_3d(prediction, gt) if gt is not None else None
+            save_like(prediction.astype(np.uint8), nib.load(source),
+                      os.path.join(folder, f"{result['subject']}_pred{suffix}.nii.gz"))
+        results.append(result)
+    return results
+
+
+def save_like(data, reference, path):
+    """Write `data` (the reference's voxel grid) as NIfTI with the reference's affine, qform and sform,
+    so a viewer overlays it on the reference."""
+    header = reference.header.copy()
+    header.set_data_dtype(data.dtype)
+    image = nib.Nifti1Image(data.reshape(reference.shape), reference.affine, header)
+    image.header.set_slope_inter(1.0, 0.0)
+    for form in ("qform", "sform"):
+        matrix, code = getattr(reference, f"get_{form}")(coded=True)
+        getattr(image, f"set_{form}")(matrix, int(code))  # code 0 (unset) stays unset
+    nib.save(image, path)
 
 
 def paste_slices(rows, images, nearest=True, source=None):

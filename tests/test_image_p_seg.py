@@ -191,11 +191,8 @@ def test_user_errors(setup, tmp_path):
     other = write_classifier(str(tmp_path / "cls50"), diffusion_steps=50)
     with pytest.raises(UserError, match="diffusion_steps"):
         run(setup, tmp_path / "e4", "--method", "cg-cdm", "--classifier_path", other)
-    no_masks = tmp_path / "no_masks"
-    shutil.copytree(setup["slices"], no_masks)
-    shutil.rmtree(no_masks / "validation" / "seg")
-    with pytest.raises(UserError, match="no tumour image"):
-        image_p_seg.main(["--src_dir", str(no_masks), "--model_path", setup["model"], "--out_dir", str(tmp_path / "e5")])
+    with pytest.raises(UserError, match="--detect_threshold 1.5: must lie in"):
+        run(setup, tmp_path / "e5", "--detect_threshold", "1.5")
 
 
 def test_errors_exit_2_with_one_line_and_no_traceback(setup, tmp_path):
@@ -263,3 +260,51 @@ def test_sigterm_during_segmentation_leaves_no_output(setup, tmp_path):
     assert process.returncode == 128 + signal.SIGTERM
     assert "Traceback" not in seen + rest
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".stopped")]
+
+
+def test_a_split_without_masks_is_a_prediction_only_run_with_the_same_maps(setup, tmp_path):
+    evaluated = run(setup, tmp_path / "evaluated")
+    no_masks = tmp_path / "no_masks"
+    shutil.copytree(setup["slices"], no_masks)
+    shutil.rmtree(no_masks / "validation" / "seg")
+    image_p_seg.main(["--src_dir", str(no_masks), "--model_path", setup["model"], "--out_dir",
+                            str(tmp_path / "predicted"), "--noise_level", "0.1", "--steps", "3", "--batch_size", "3"])
+    out = tmp_path / "predicted"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_images"] == 4 and summary["n_scored"] == 0 and summary["n_segmented"] == 4
+    assert summary["variants"]["tau_0.95"]["otsu"]["n"] == 0
+    rows = read_csv(out / "metrics.csv")
+    assert [r["has_mask"] for r in rows] == ["False"] * 4 and all(r["dice"] == "" for r in rows)
+    assert len(os.listdir(out / "masks")) == 4
+    # the same images give the same maps whether or not they have masks
+    np.testing.assert_array_equal(np.load(out / "saliency.npz")["maps"], np.load(evaluated / "saliency.npz")["maps"])
+
+
+def test_every_slice_with_detection_scores_healthy_slices_too(setup, tmp_path):
+    tumour_only = run(setup, tmp_path / "tumour", "--method", "cg-cdm", "--classifier_path", setup["classifier"])
+    out = run(setup, tmp_path / "all", "--method", "cg-cdm", "--classifier_path", setup["classifier"],
+              "--slices", "all", "--detect_threshold", "0")
+    summary = json.loads((out / "summary.json").read_text())
+    rows = read_csv(out / "metrics.csv")
+    normal = sorted(os.listdir(os.path.join(setup["slices"], "validation", "normal")))
+    assert summary["n_images"] == len(rows) == 4 + len(normal) and summary["n_segmented"] == len(rows)
+    detection = summary["detection"]
+    assert detection["threshold"] == 0 and detection["sensitivity"] == 1 and detection["specificity"] == 0
+    assert detection["n_positive"] == 4 and detection["n_negative"] == len(normal)
+    assert 0 <= detection["auroc"] <= 1
+    probabilities = [float(r["tumour_probability"]) for r in rows]
+    assert all(0 <= p <= 1 for p in probabilities)
+    variant = summary["variants"]["tau_0.95"]
+    assert variant["otsu"]["n"] == 4 and variant["all_slices"]["otsu"]["n"] == len(rows)
+    # tumour slices keep the maps of the tumour-only run: a slice's noise depends on its name alone
+    maps = dict(zip(np.load(out / "saliency.npz")["names"], np.load(out / "saliency.npz")["maps"]))
+    saved = np.load(tumour_only / "saliency.npz")
+    for name, expected in zip(saved["names"], saved["maps"]):  # other batch neighbours: float tolerance
+        np.testing.assert_allclose(maps[name], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    # a threshold above every probability segments nothing: every mask is empty, healthy slices score no FP
+    nothing = run(setup, tmp_path / "none", "--method", "cg-cdm", "--classifier_path", setup["classifier"],
+                  "--slices", "all", "--detect_threshold", "1")
+    summary = json.loads((nothing / "summary.json").read_text())
+    assert summary["n_segmented"] == 0 and summary["detection"]["sensitivity"] == 0
+    assert not np.load(nothing / "saliency.npz")["maps"].any()
+    assert summary["variants"]["tau_0.95"]["otsu"]["dice_mean"] == 0.0  # a missed tumour slice counts 0

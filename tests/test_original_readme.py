@@ -238,8 +238,7 @@ def test_fold_size_gives_the_original_blocks():
 
 def test_fold_size_selects_a_block_of_the_sorted_tumour_slices(tmp_path):
     root = write_original_layout(tmp_path / "data")
-    slices = select_slices(str(root), "validation", image_size=32, in_channels=1, fold=1, fold_size=2,
-                           log=lambda *a: None)
+    slices = select_slices(str(root), "validation", image_size=32, in_channels=1, fold=1, fold_size=2)
     assert slices.names == ["BraTS20_validate_002_tumor.jpg"]
 
 

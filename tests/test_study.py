@@ -38,13 +38,25 @@ def test_ablation_points_match_direct_runs_and_choices_follow_the_rows(demo_like
     study_command.ablation_main(["--models", demo_like["models"], "--src_dir", demo_like["slices"], "--max_images", "3",
                                  "--batch_size", "2", "--out_dir", str(out), *GRID])
     rows = json.loads((out / "ablation.json").read_text())
-    # R sweep: 2 Q x 2 methods x 2 R x 2 tau; tau sweep: 2 methods x 2 tau; s sweep: 2 s x 2 tau
-    assert len(rows) == 16 + 4 + 4
+    # R sweep: 2 Q x 2 methods x 2 R x 2 tau; tau sweep: 2 methods x 2 tau; s sweep: 2 s x 2 tau;
+    # noise draws: K = 2, 5 x R = 1, 2 at the best point's tau
+    assert len(rows) == 16 + 4 + 4 + 4
     assert {r["method"] for r in rows} == {"cg-cdm", "cdm"}
+    draws = [r for r in rows if r["sweep"] == "noise_draws"]
+    assert sorted((r["noise_draws"], r["steps"], r["passes"]) for r in draws) == [(2, 1, 2), (2, 2, 4), (5, 1, 5),
+                                                                                   (5, 2, 10)]
     chosen = json.loads((out / "selection.json").read_text())
     best = best_point(rows, "dice", "cg-cdm", max_steps=10)
-    assert chosen["mask_tuned"]["training_dice"] == best["dice"] and chosen["n_training_images"] == 3
-    assert chosen["label_free"]["training_dice"] == best_point(rows, "separability", "cg-cdm", 10)["dice"]
+    assert chosen["mask_tuned_best"]["training_dice"] == best["dice"] and chosen["n_training_images"] == 3
+    # the cheapest point within the tolerance of the best Dice
+    cg = [r for r in rows if r["method"] == "cg-cdm" and r["steps"] <= 10]
+    good = [r for r in cg if r["dice"] >= best["dice"] - chosen["tolerance"]]
+    assert chosen["tolerance"] == 0.005 and chosen["mask_tuned"]["passes"] == min(r["steps"] * r["noise_draws"] for r in good)
+    assert chosen["mask_tuned"]["training_dice"] >= best["dice"] - 0.005
+    assert chosen["label_free"]["training_dice"] == best_point(rows, "separability", "cg-cdm", 10, 0.005)["dice"]
+    detection = chosen["detection"]
+    assert 0 <= detection["threshold"] <= 1 and detection["n_training_images"] == detection["n_positive"] + detection["n_negative"]
+    assert detection["n_positive"] > 0 and detection["n_negative"] > 0
     assert chosen["mask_tuned_any_steps"]["training_dice"] == max(r["dice"] for r in rows if r["method"] == "cg-cdm")
     assert (out / "ablation.png").stat().st_size > 10000
     # one point of the R sweep (partial sums of a 3-step run) equals a direct 1-step image_p_seg run
@@ -101,3 +113,29 @@ def test_best_point_respects_the_method_and_the_step_cap():
     assert best_point(rows, "dice", "cg-cdm") is rows[0]
     assert best_point(rows, "dice", "cg-cdm", max_steps=10) is rows[2]  # a tie goes to fewer steps
     assert best_point(rows, "dice") is rows[3]
+
+
+def test_best_point_within_a_tolerance_takes_the_fewest_passes():
+    rows = [{"method": "cg-cdm", "steps": 10, "dice": 0.644}, {"method": "cg-cdm", "steps": 1, "dice": 0.643},
+            {"method": "cg-cdm", "steps": 1, "noise_draws": 5, "dice": 0.650},
+            {"method": "cg-cdm", "steps": 2, "dice": 0.630}]
+    assert best_point(rows, "dice", "cg-cdm") is rows[2]
+    assert best_point(rows, "dice", "cg-cdm", tolerance=0.01) is rows[1]  # 1 pass, 0.007 below the best
+    assert best_point(rows, "dice", "cg-cdm", tolerance=0.005) is rows[2]  # 5 passes beat 10
+    assert best_point(rows, "dice", "cg-cdm", tolerance=1.0) is rows[1]  # ties in passes: the higher Dice
+
+
+def test_the_detection_threshold_maximises_balanced_accuracy_on_training_labels():
+    from guided_diffusion.segment.detect import choose_threshold, detection_scores
+
+    probability = np.array([0.1, 0.2, 0.35, 0.4, 0.6, 0.7, 0.9])
+    labels = np.array([0, 0, 0, 1, 0, 1, 1])
+    threshold = choose_threshold(probability, labels)
+    assert 0.35 < threshold <= 0.4  # the single split with balanced accuracy (3/3 + 3/4) / 2
+    scores = detection_scores(probability, labels, threshold)
+    assert scores["sensitivity"] == 1.0 and scores["specificity"] == 0.75
+    assert scores["auroc"] == pytest.approx(11 / 12)  # 11 of 12 positive-negative pairs ordered
+    perfect = choose_threshold([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1])
+    assert 0.2 < perfect < 0.8
+    with pytest.raises(ValueError, match="both labels"):
+        choose_threshold([0.1, 0.2], [1, 1])

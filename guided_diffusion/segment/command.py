@@ -4,18 +4,24 @@ Example (the paper's CG-CDM with its defaults: Q = 0.1 T, R = 10, tau = 0.95, s 
     python scripts/image_p_seg.py --src_dir data/demo/slices --model_path runs/ddpm/model010000.pt \\
         --classifier_path runs/cls/model005000.pt --method cg-cdm
 
-The tumour slices of the split that have masks (optionally one fold, or an evenly spaced subset)
-are segmented with --method; the outputs (see `segment.report`) go to --out_dir, which is
-replaced only once every file is written. Several taus (--tau 0.95,0.5,0) run in one pass: every
+The tumour slices of the split (--slices tumor, the paper's protocol; optionally one fold, or an
+evenly spaced subset) or every slice (--slices all: a classifier decides which slices hold a
+lesion, the others get an empty mask) are segmented with --method. Slices with a mask in seg/ are
+scored, the others only segmented: a folder without masks is a normal, prediction-only run. The
+outputs (see `segment.report`) are written batch by batch into a temporary folder that replaces
+--out_dir only once every file is written. Several taus (--tau 0.95,0.5,0) run in one pass: every
 tau shares branch A, and each gets its own sub-folder tau_<value>/. Under torchrun or mpiexec the
-batches are shared between the processes and rank 0 writes the outputs.
+batches are shared between the processes and rank 0 writes the outputs. --settings applies the
+settings the ablation chose (selection.json); typed flags win.
 
 This is the only segmentation module that speaks in flags: library errors (ValueError naming a
 parameter) are reported here as one line naming the flag.
 """
 
+import contextlib
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -27,9 +33,13 @@ from ..implicit_inputs import checkpoint_from_dir, original_data_dir
 from ..script_util import FLAG_ALIASES, FLAG_HELP, classifier_defaults, diffusion_from_config, model_and_diffusion_defaults
 from .cam import gap_linear_head
 from .methods import METHODS, SaliencySettings, check_steps_fit, create_method, tau_variant
-from .pipeline import compute_maps, select_slices
+from .detect import TumourDetector
+from .pipeline import Pipeline, SliceBatches, select_slices
 from .postprocess import MaskOptions
-from .report import check_volumes_possible, write_report
+from .report import SliceReport, check_volumes_possible
+from .settings_file import apply_settings_file
+
+DEFAULT_DETECT_THRESHOLD = 0.5  # when neither --detect_threshold nor --settings gives one
 
 
 def segmentation_defaults():
@@ -38,7 +48,8 @@ def segmentation_defaults():
         split="validation", fold=0, num_folds=1, fold_size=0, batch_size=8, max_images=0,
         noise_level=0.1, steps=10, stride=1, tau="0.95", classifier_scale=10.0, healthy_label=0,
         clip_denoised=True, abs_map=False, smooth_sigma=0.0, foreground_only=False,
-        seed=0, grid_images=8, volumes=False,
+        seed=0, grid_images=8, volumes=False, raw_dir="", slices="tumor", detect_threshold=-1.0,
+        detector_path="", noise_draws=1, settings="", choice="mask_tuned",
     )
 
 
@@ -52,7 +63,22 @@ HELP = {
     "classifier_path": "classifier checkpoint (args.json beside it): the noise-conditioned one that guides cg-cdm, "
                        "cg-diff and anomaly (unless --classifier_scale 0), or the plain one of a CAM method",
     "method": "; ".join(f"{name}: {m.description}" for name, m in METHODS.items()),
-    "split": "which split's tumour slices to segment",
+    "split": "which split's slices to segment",
+    "slices": "tumor: the split's tumour slices (the paper's protocol); all: every slice, normal and tumour, "
+              "each segmented only when the classifier detects a lesion in it (--detect_threshold)",
+    "detect_threshold": "with --slices all: slices whose tumour probability (classifier at t = 0) is at "
+                        "least this are segmented, the others get an empty mask; in [0, 1] (default: the "
+                        "threshold of --settings, chosen on the training split, else 0.5)",
+    "detector_path": "classifier whose tumour probability decides which slices are segmented (default: "
+                     "--classifier_path)",
+    "noise_draws": "K: each map is the mean of the maps from K noise draws (draw k of a slice depends only "
+                   "on --seed, the slice's name and k)",
+    "settings": "selection.json of scripts/ablation.py: its --choice sets Q, R, tau, s, the post-processing "
+                "and the detection threshold; typed flags override it",
+    "choice": "which choice of --settings: mask_tuned (best Dice on the training masks), label_free "
+              "(chosen without masks) or mask_tuned_cdm",
+    "raw_dir": "with --volumes: where the raw NIfTI volumes of the dataset are now, if they moved since "
+               "the dataset was prepared (default: where dataset.json says)",
     "fold": "evaluate fold k (also -f): part k of --num_folds contiguous parts of the sorted tumour slices, "
             "or block k of --fold_size slices",
     "num_folds": "number of folds (default 1: every tumour slice is evaluated)",
@@ -72,9 +98,10 @@ HELP = {
                "label makes brighter, |a| also darker ones (modalities where lesions are dark)",
     "smooth_sigma": "Gaussian blur of the map in pixels before Otsu (0: none, the paper)",
     "foreground_only": "compute Otsu's threshold over the foreground (brain) pixels only and keep the mask there",
-    "seed": "seed of the noise draw (each image's noise depends only on the seed and its position)",
+    "seed": "seed of the noise draw (each image's noise depends only on the seed and the image's name)",
     "grid_images": "images shown in grid.png (0: no grid)",
-    "volumes": "paste masks back into NIfTI volumes (needs manifest.csv in --src_dir) and report 3-D Dice",
+    "volumes": "paste masks back into NIfTI volumes (needs manifest.csv in --src_dir) and report 3-D Dice "
+               "where the label maps are found",
     "guided": "the original code's switch: same as --method cg-cdm",
 }
 
@@ -85,7 +112,7 @@ def create_argparser():
         allow_abbrev=False,
     )
     add_flags(parser, {**segmentation_defaults(), "guided": False}, help=HELP, aliases={"fold": ["-f"]},
-              switches=("guided",))
+              switches=("guided",), choices={"slices": ("tumor", "all")})
     checked = parser.add_argument_group(
         "checkpoint configuration", "Read from args.json beside each checkpoint; typing one only checks that it agrees.")
     flags = dict(model_and_diffusion_defaults())
@@ -130,6 +157,10 @@ def build_settings(args):
         raise UserError(f"--fold {args.fold}: must lie in 0..{args.num_folds - 1} (--num_folds {args.num_folds})")
     if args.max_images < 0:
         raise UserError(f"--max_images {args.max_images}: must be 0 (all) or positive")
+    if args.noise_draws < 1:
+        raise UserError(f"--noise_draws {args.noise_draws}: must be at least 1")
+    if args.detect_threshold != -1.0 and not 0.0 <= args.detect_threshold <= 1.0:
+        raise UserError(f"--detect_threshold {args.detect_threshold}: must lie in [0, 1]")
     taus = parse_taus(args.tau)
     if len(taus) > 1 and not METHODS[args.method].uses_tau:
         raise UserError(f"--tau lists several values but --method {args.method} does not use tau")
@@ -181,17 +212,61 @@ def load_models(args, explicit, device):
     return model, diffusion, classifier, classifier_path, config
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = create_argparser()
-    args = parser.parse_args(argv)
-    explicit = explicit_flags(parser, argv)
-    settings, options = build_settings(args)
-    dist_util.setup_dist()
-    log = print if dist_util.is_main_process() else (lambda *a: None)
-    if not args.src_dir:
-        args.src_dir = original_data_dir(log=log)
-    require_dir(args.src_dir, "--src_dir")
+def load_detector(args, device, config, classifier, classifier_path):
+    """The TumourDetector of --detector_path (default: the guiding classifier), checked against the models."""
+    flag = "--detector_path" if args.detector_path else "--classifier_path"
+    path = args.detector_path or classifier_path or args.classifier_path
+    if not path:
+        raise UserError("detecting lesions needs a classifier: pass --detector_path (or --classifier_path)")
+    if path != classifier_path:
+        classifier, detector_config = load_classifier(path, device=device, flag=flag)
+        for key in ("image_size", "in_channels", "num_classes"):
+            if detector_config.get(key) != config[key]:
+                raise UserError(f"{flag} {path}: classifier has {key}={detector_config.get(key)} but "
+                                f"the segmentation models have {key}={config[key]}")
+    return TumourDetector(classifier), path
+
+
+@dataclass
+class SegmentationRun:
+    """What a front end needs to segment: the pipeline (method, detection, noise) and the checkpoints."""
+
+    pipeline: Pipeline
+    config: dict
+    settings: SaliencySettings
+    options: MaskOptions
+    classifier_path: str
+    detector_path: str
+    threshold: float
+
+    @property
+    def method(self):
+        return self.pipeline.method
+
+    def summary_settings(self, args, **extra):
+        """The settings summary.json records."""
+        values = {"model_path": args.model_path, "classifier_path": self.classifier_path, "seed": args.seed,
+                  "noise_draws": args.noise_draws, "world_size": dist_util.get_world_size(), **extra}
+        if METHODS[args.method].uses_ddpm:
+            values.update(noise_level=args.noise_level, steps=args.steps, stride=args.stride,
+                          classifier_scale=args.classifier_scale if self.classifier_path else 0.0,
+                          healthy_label=args.healthy_label, clip_denoised=args.clip_denoised,
+                          abs_map=args.abs_map, diffusion_steps=self.config["diffusion_steps"])
+        if self.pipeline.detector is not None:
+            values.update(detector_path=self.detector_path, detect_threshold=self.threshold)
+        return values
+
+
+def check_flags(args, explicit):
+    """--settings applied, then every flag checked, before any input is read: (settings, options, applied)."""
+    applied = apply_settings_file(args, explicit)
+    return (*build_settings(args), applied)
+
+
+def prepare_run(args, explicit, checked, *, detect, log=print):
+    """Models, method and pipeline from the checked flags (`check_flags`), shared by image_p_seg.py and
+    segment_scans.py. `detect`: whether a classifier decides which slices are segmented."""
+    settings, options, applied = checked
     device = dist_util.dev()
     model, diffusion, classifier, classifier_path, config = load_models(args, explicit, device)
     if diffusion is not None and METHODS[args.method].uses_tau:
@@ -199,53 +274,105 @@ def main(argv=None):
             check_steps_fit(settings, diffusion.num_timesteps)
         except ValueError as err:
             raise _flag_error("--" + str(err).split()[0], err)
-    try:
-        slices = select_slices(args.src_dir, args.split, image_size=config["image_size"],
-                               in_channels=config["in_channels"], fold=args.fold, num_folds=args.num_folds,
-                               fold_size=args.fold_size, max_images=args.max_images)
-        if args.volumes:
-            check_volumes_possible(args.src_dir, args.split, slices.names)
-    except ValueError as err:
-        raise _flag_error("--src_dir", err)
-    if int(slices.labels.max()) >= config["num_classes"]:
-        raise UserError(f"--src_dir {args.src_dir}: label {int(slices.labels.max())} is not a class of the model")
     if not 0 <= args.healthy_label < config["num_classes"]:
         raise UserError(f"--healthy_label {args.healthy_label}: the model has classes 0..{config['num_classes'] - 1}")
-    base = args.save_dir or os.path.dirname(os.path.abspath(args.model_path or classifier_path))
+    detector, detector_path = (load_detector(args, device, config, classifier, classifier_path)
+                               if detect else (None, ""))
+    threshold = DEFAULT_DETECT_THRESHOLD if args.detect_threshold == -1.0 else args.detect_threshold
+    if args.method == "cam" and gap_linear_head(classifier) is None:
+        log("cam: the classifier head is not GAP + linear, so CAM is computed in its gradient form (Grad-CAM)")
+    if applied:
+        log(f"--settings {args.settings} ({args.choice}): " +
+            ", ".join(f"{k} {v}" for k, v in applied["applied"].items()))
+    torch.manual_seed(args.seed)
+    method = create_method(args.method, settings, model=model, diffusion=diffusion, classifier=classifier)
+    pipeline = Pipeline(method, seed=args.seed, noise_draws=args.noise_draws, detector=detector,
+                        threshold=threshold, device=device)
+    run = SegmentationRun(pipeline=pipeline, config=config, settings=settings, options=options,
+                          classifier_path=classifier_path or "", detector_path=detector_path, threshold=threshold)
+    run.settings_file = applied
+    return run
+
+
+def variant_settings(args, settings):
+    return {tau_variant(t): {"tau": t} for t in settings.taus} if METHODS[args.method].uses_tau else {}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = create_argparser()
+    args = parser.parse_args(argv)
+    explicit = explicit_flags(parser, argv)
+    checked = check_flags(args, explicit)
+    dist_util.setup_dist()
+    log = print if dist_util.is_main_process() else (lambda *a: None)
+    if not args.src_dir:
+        args.src_dir = original_data_dir(log=log)
+    require_dir(args.src_dir, "--src_dir")
+    run = prepare_run(args, explicit, checked, detect=args.slices == "all", log=log)
+    config = run.config
+    try:
+        dataset = select_slices(args.src_dir, args.split, image_size=config["image_size"],
+                                in_channels=config["in_channels"], slices=args.slices, fold=args.fold,
+                                num_folds=args.num_folds, fold_size=args.fold_size, max_images=args.max_images)
+        if args.volumes:
+            check_volumes_possible(args.src_dir, args.split, dataset.names)
+    except ValueError as err:
+        raise _flag_error("--src_dir", err)
+    base = args.save_dir or os.path.dirname(os.path.abspath(args.model_path or run.classifier_path))
     out_dir = args.out_dir or os.path.join(base, f"seg_{args.method}")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out_dir {out_dir}: exists and is not a folder")
 
+    n_masks = sum(m is not None for m in dataset.mask_paths)
     folds = f"block {args.fold} of {args.fold_size}" if args.fold_size else f"fold {args.fold}/{args.num_folds}"
-    log(f"{args.method}: {len(slices)} tumour images from {args.src_dir} ({args.split}, {folds})")
-    if args.method == "cam" and gap_linear_head(classifier) is None:
-        log("cam: the classifier head is not GAP + linear, so CAM is computed in its gradient form (Grad-CAM)")
-    torch.manual_seed(args.seed)
-    method = create_method(args.method, settings, model=model, diffusion=diffusion, classifier=classifier)
-    maps, seconds = compute_maps(method, slices.images, slices.labels, batch_size=args.batch_size, seed=args.seed,
-                                 device=device)
-    if dist_util.is_main_process():
-        run_settings = {"model_path": args.model_path, "classifier_path": classifier_path, "src_dir": args.src_dir,
-                        "split": args.split, "fold": args.fold, "num_folds": args.num_folds,
-                        "fold_size": args.fold_size, "seed": args.seed,
-                        "world_size": dist_util.get_world_size()}
-        if METHODS[args.method].uses_ddpm:
-            run_settings.update(noise_level=args.noise_level, steps=args.steps, stride=args.stride,
-                                classifier_scale=args.classifier_scale if classifier is not None else 0.0,
-                                healthy_label=args.healthy_label, clip_denoised=args.clip_denoised,
-                                abs_map=args.abs_map, diffusion_steps=config["diffusion_steps"])
-        variant_settings = {tau_variant(t): {"tau": t} for t in settings.taus} if METHODS[args.method].uses_tau else {}
-        try:
-            summary = write_report(out_dir, method=args.method, settings=run_settings, slices=slices,
-                                   maps_by_variant=maps, seconds=seconds, variant_settings=variant_settings,
-                                   options=options, grid_images=args.grid_images,
-                                   volumes_from=(args.src_dir, args.split) if args.volumes else None)
-        except OSError as err:
-            raise UserError(f"--out_dir {out_dir}: cannot be written ({err.strerror or err})")
-        for variant, result in summary["variants"].items():
-            otsu, lcc = result["otsu"], result["largest_component"]
-            log(f"{variant}: Dice {otsu['dice_mean']:.4f} ± {otsu['dice_std']:.4f}, IoU {otsu['iou_mean']:.4f}, "
-                f"HD95 {otsu['hd95_mean']:.2f}; largest component: Dice {lcc['dice_mean']:.4f}, "
-                f"IoU {lcc['iou_mean']:.4f}, HD95 {lcc['hd95_mean']:.2f}; {summary['seconds_per_image']:.3f} s/image")
+    kind = "tumour images" if args.slices == "tumor" else "images (normal and tumour)"
+    log(f"{args.method}: {len(dataset)} {kind} from {args.src_dir} ({args.split}, {folds}); {n_masks} have a mask "
+        f"and are scored" + ("" if n_masks else ": predictions only"))
+    batches = SliceBatches(dataset, args.batch_size)
+    report = SliceReport(out_dir, variants=run.method.variants(), n_images=len(dataset),
+                         shape=(config["image_size"],) * 2, options=run.options, grid_images=args.grid_images)
+    main_process = dist_util.is_main_process()
+    try:
+        with report if main_process else contextlib.nullcontext():
+            for result in run.pipeline.run(batches):
+                report.add(result)
+            if main_process:
+                summary = report.finish(
+                    method=args.method, seconds=run.pipeline.seconds, variant_settings=variant_settings(args, run.settings),
+                    threshold=run.threshold if run.pipeline.detector is not None else None,
+                    settings=run.summary_settings(args, src_dir=args.src_dir, split=args.split, slices=args.slices,
+                                                  fold=args.fold, num_folds=args.num_folds, fold_size=args.fold_size,
+                                                  settings_file=run.settings_file),
+                    volumes_from=(args.src_dir, args.split, args.raw_dir or None) if args.volumes else None)
+    except OSError as err:
+        raise UserError(f"--out_dir {out_dir}: cannot be written ({err.strerror or err})")
+    if main_process:
+        log_summary(summary, log)
         log(f"wrote {out_dir}")
     dist_util.barrier()
+
+
+def _fmt(value, digits=4):
+    return "n/a" if value is None or value != value else f"{value:.{digits}f}"
+
+
+def log_summary(summary, log):
+    """The console lines of a run: scored counts, Dice per variant, detection."""
+    log(f"{summary['n_images']} images, {summary['n_segmented']} segmented, {summary['n_scored']} scored; "
+        f"{summary['seconds_per_image']:.3f} s/image")
+    if "detection" in summary:
+        d = summary["detection"]
+        log(f"detection (threshold {d['threshold']:.3g}): sensitivity {_fmt(d['sensitivity'], 3)}, specificity "
+            f"{_fmt(d['specificity'], 3)}, AUROC {_fmt(d['auroc'], 3)}")
+    for variant, result in summary["variants"].items():
+        otsu, lcc = result["otsu"], result["largest_component"]
+        line = (f"{variant}: tumour slices ({otsu['n']}): Dice {_fmt(otsu['dice_mean'])} ± {_fmt(otsu['dice_std'])}, "
+                f"IoU {_fmt(otsu['iou_mean'])}, HD95 {_fmt(otsu['hd95_mean'], 2)}; largest component: Dice "
+                f"{_fmt(lcc['dice_mean'])}")
+        if "all_slices" in result:
+            every = result["all_slices"]["otsu"]
+            line += f"; all {every['n']} scored slices: pooled Dice {_fmt(every['dice_pooled'])}"
+        if "volumes" in result:
+            line += f"; 3-D Dice {_fmt(result['volumes']['dice_3d_mean'])}"
+        log(line)

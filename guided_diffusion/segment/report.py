@@ -1,61 +1,67 @@
-"""Every output of a segmentation run, written all or nothing.
+"""Every output of a slice segmentation run, written batch by batch and all or nothing.
 
-`evaluate_variant` turns maps into masks (with and without the largest-component step) and
-scores them; `write_report` writes, into a temporary folder that replaces `out_dir` only when
-everything is written:
+`SliceReport` consumes the pipeline's `BatchResult`s as they come (memory does not grow with the
+number of images) into a temporary folder that replaces `out_dir` only when `finish` succeeds:
 
-    summary.json  one schema whatever the number of variants: method, settings, n_images,
-                  seconds_per_image, mask_options and `variants: {name: {settings, otsu,
-                  largest_component, map_separability[, volumes]}}`
+    summary.json  one schema whatever the number of variants: method, settings, n_images, n_scored,
+                  n_segmented, seconds_per_image, mask_options[, detection] and `variants: {name:
+                  {settings, otsu, largest_component, map_separability[, all_slices][, volumes]}}`
     metrics.csv, saliency.npz, masks/, masks_lcc/, grid.png[, volumes/, volumes.csv]
                   in out_dir for one variant, in out_dir/<variant>/ for several
+
+Slices with a reference mask are scored; the others get maps, masks and rows with empty metric
+cells. `otsu` / `largest_component` summarise the scored tumour slices (the paper's protocol: a
+missed tumour slice counts with Dice 0); with healthy slices among the scored ones, `all_slices`
+summarises every scored slice, so false positives on healthy slices count (`dice_pooled`).
 """
 
 import csv
-import gzip
 import io
 import json
 import math
 import os
+import zipfile
 
 import numpy as np
 
 from ..cli import atomic_directory
-from ..metrics import dice_3d, evaluate_masks, summarize
+from ..metrics import evaluate_masks, summarize
+from .detect import detection_scores
 from .postprocess import MaskOptions, foreground_mask, normalize_map, otsu_separability, saliency_to_mask
 
+MASK_KINDS = (("otsu", False, ""), ("largest_component", True, "_lcc"))  # (summary key, keep largest, file suffix)
+METRIC_COLUMNS = ("dice", "iou", "hd95", "hd95_seed", "surface_dice", "pred_pixels", "gt_pixels")
 
 
-def evaluate_variant(maps, gts, images, options=MaskOptions()):
-    """Masks and per-image records of one variant: {"otsu": (masks, records), "largest_component": ...}."""
-    results = {}
-    for key, keep in (("otsu", False), ("largest_component", True)):
-        variant_options = MaskOptions(smooth_sigma=options.smooth_sigma, foreground_only=options.foreground_only,
-                                      keep_largest=keep)
-        masks = saliency_to_mask(maps, options=variant_options, images=images)
-        results[key] = (masks, evaluate_masks(masks, gts))
-    return results
+def masks_of(maps, images, options=MaskOptions()):
+    """{"otsu": masks, "largest_component": masks} of one variant's maps (an all-zero map gives an empty mask)."""
+    return {key: saliency_to_mask(maps, options=MaskOptions(smooth_sigma=options.smooth_sigma,
+                                                             foreground_only=options.foreground_only,
+                                                             keep_largest=keep), images=images)
+            for key, keep, _ in MASK_KINDS}
 
 
-def _scores(evaluated, maps, images, options):
-    """Summaries of both mask kinds and the label-free map separability (see `postprocess`)."""
+def separability(maps, images, options):
+    """Per-image label-free map separability (see `postprocess.otsu_separability`)."""
     region = foreground_mask(images) if options.foreground_only else None
-    scores = {key: summarize(records) for key, (_, records) in evaluated.items()}
-    scores["map_separability"] = float(np.mean(otsu_separability(maps, region, options.smooth_sigma)))
-    return scores
+    return otsu_separability(maps, region, options.smooth_sigma)
 
 
 def variant_summary(maps, gts, images, options=MaskOptions()):
-    """Summary of one variant without writing anything (for choosing settings on the training split)."""
-    return _scores(evaluate_variant(maps, gts, images, options), maps, images, options)
+    """Scores of one variant's in-memory maps without writing anything (for choosing settings on the
+    training split): {"otsu", "largest_component", "map_separability"}."""
+    masks = masks_of(maps, images, options)
+    scores = {key: summarize(evaluate_masks(masks[key], gts)) for key, _, _ in MASK_KINDS}
+    scores["map_separability"] = float(np.mean(separability(maps, images, options)))
+    return scores
 
 
-def _clean(obj):
+def clean_json(obj):
     """JSON-ready: numpy scalars to Python, NaN and infinities to null."""
     if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
+        return {k: clean_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [clean_json(v) for v in obj]
     if isinstance(obj, (np.floating, np.integer, np.bool_)):
         obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -63,12 +69,12 @@ def _clean(obj):
     return obj
 
 
-def _write_json(path, obj):
+def write_json(path, obj):
     with open(path, "w") as f:
-        f.write(json.dumps(_clean(obj), indent=2, sort_keys=True) + "\n")
+        f.write(json.dumps(clean_json(obj), indent=2, sort_keys=True) + "\n")
 
 
-def _write_csv(path, rows, fields):
+def write_csv(path, rows, fields):
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
@@ -77,34 +83,48 @@ def _write_csv(path, rows, fields):
         f.write(buffer.getvalue())
 
 
-def _metric_rows(names, labels, records, records_lcc):
-    columns = [c for c in records[0] if c not in ("pred_empty", "gt_empty", "intersection")] if records else []
-    rows = []
-    for name, label, rec, lcc in zip(names, labels, records, records_lcc):
-        row = {"name": name, "label": int(label), **{c: rec[c] for c in columns}}
-        row.update({f"{c}_lcc": lcc[c] for c in columns if c != "gt_pixels"})
-        rows.append(row)
-    fields = ["name", "label", *columns, *[f"{c}_lcc" for c in columns if c != "gt_pixels"]]
-    return rows, fields
+class StreamingNpz:
+    """An .npz holding `maps` (N, H, W) float32, written batch by batch, and `names`, added on close:
+    `np.load` reads it like `np.savez_compressed`'s."""
+
+    def __init__(self, path, shape):
+        self.shape, self.rows = tuple(int(s) for s in shape), 0
+        self.zip = zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True)
+        self.member = self.zip.open("maps.npy", "w", force_zip64=True)
+        np.lib.format.write_array_header_2_0(
+            self.member, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                          "shape": self.shape})
+
+    def write(self, maps):
+        maps = np.ascontiguousarray(maps, dtype=np.float32)
+        self.member.write(maps.tobytes())
+        self.rows += len(maps)
+
+    def close(self, names):
+        if self.rows != self.shape[0]:
+            raise RuntimeError(f"saliency.npz: {self.rows} maps written, {self.shape[0]} announced")
+        self.member.close()
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(names))
+        self.zip.writestr("names.npy", buffer.getvalue())
+        self.zip.close()
 
 
-def _write_masks(folder, names, masks):
+def save_mask_png(path, mask):
     from PIL import Image
 
-    os.makedirs(folder, exist_ok=True)
-    for name, mask in zip(names, masks):
-        stem = os.path.splitext(os.path.basename(name))[0]
-        Image.fromarray(mask.astype(np.uint8) * 255).save(os.path.join(folder, stem + ".png"), format="PNG")
+    Image.fromarray(np.asarray(mask, bool).astype(np.uint8) * 255).save(path, format="PNG")
 
 
-def write_grid(path, images, gts, maps, preds, names, records, count):
-    """image | ground truth | map | prediction, one row per image, for the first `count` images."""
+def write_grid(path, images, gts, maps, preds, names, dices, has_mask=None):
+    """image | ground truth | map | prediction, one row per image."""
     from matplotlib.figure import Figure
 
-    count = min(count, len(images))
+    count = len(images)
+    has_mask = np.ones(count, bool) if has_mask is None else has_mask
     fig = Figure(figsize=(8, 2.1 * count), dpi=100)
     titles = ("image", "ground truth", "saliency map", "prediction (green: truth)")
-    normalised = normalize_map(maps[:count])
+    normalised = normalize_map(maps)
     for row in range(count):
         panels = (np.asarray(images[row, 0]), gts[row], normalised[row], preds[row])
         for col, panel in enumerate(panels):
@@ -115,14 +135,135 @@ def write_grid(path, images, gts, maps, preds, names, records, count):
             header = titles[col] + "\n" if row == 0 else ""
             if col == 0:
                 ax.set_title(header + os.path.basename(names[row]), fontsize=7)
+            elif col == 1 and not has_mask[row]:
+                ax.set_title(header + "no mask", fontsize=7)
             elif col == 3:
-                ax.contour(gts[row].astype(float), levels=[0.5], colors="lime", linewidths=0.8)
-                dice = records[row]["dice"]
+                if has_mask[row]:
+                    ax.contour(gts[row].astype(float), levels=[0.5], colors="lime", linewidths=0.8)
+                dice = dices[row]
                 ax.set_title(header + (f"Dice {dice:.2f}" if math.isfinite(dice) else "Dice n/a"), fontsize=7)
             else:
                 ax.set_title(header, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, format="png")
+
+
+class VariantWriter:
+    """The files of one variant in `folder`, batch by batch."""
+
+    def __init__(self, folder, n_images, shape, options, grid_images):
+        self.folder, self.options, self.grid_images = folder, options, grid_images
+        for _, _, suffix in MASK_KINDS:
+            os.makedirs(os.path.join(folder, "masks" + suffix), exist_ok=True)
+        self.fields = ["name", "label", "has_mask", "segmented", "tumour_probability", *METRIC_COLUMNS,
+                       *[f"{c}_lcc" for c in METRIC_COLUMNS if c != "gt_pixels"]]
+        self.csv_file = open(os.path.join(folder, "metrics.csv"), "w", newline="")
+        self.csv = csv.DictWriter(self.csv_file, fieldnames=self.fields, lineterminator="\n", extrasaction="ignore")
+        self.csv.writeheader()
+        self.npz = StreamingNpz(os.path.join(folder, "saliency.npz"), (n_images, *shape))
+        self.records = {key: [] for key, _, _ in MASK_KINDS}  # of the scored slices
+        self.scored_labels, self.separability, self.names, self.grid = [], [], [], []
+
+    def add(self, result, maps):
+        batch = result.batch
+        images = batch.images.numpy()
+        masks = masks_of(maps, images, self.options)
+        scored = np.flatnonzero(batch.has_mask)
+        records = {key: iter(evaluate_masks(masks[key][scored], batch.masks[scored])) for key, _, _ in MASK_KINDS}
+        if result.segmented.any():
+            self.separability.extend(separability(maps[result.segmented], images[result.segmented], self.options))
+        for i, name in enumerate(batch.names):
+            stem = os.path.splitext(os.path.basename(name))[0]
+            for key, _, suffix in MASK_KINDS:
+                save_mask_png(os.path.join(self.folder, "masks" + suffix, stem + ".png"), masks[key][i])
+            row = {"name": name, "label": int(batch.labels[i]), "has_mask": bool(batch.has_mask[i]),
+                   "segmented": bool(result.segmented[i]),
+                   "tumour_probability": "" if result.tumour_probability is None else
+                   f"{result.tumour_probability[i]:.6g}"}
+            if batch.has_mask[i]:
+                for key, _, suffix in MASK_KINDS:
+                    record = next(records[key])
+                    self.records[key].append(record)
+                    row.update({c + suffix: record[c] for c in METRIC_COLUMNS if not (suffix and c == "gt_pixels")})
+                self.scored_labels.append(int(batch.labels[i]))
+            self.csv.writerow(row)
+            if len(self.grid) < self.grid_images:
+                dice = row.get("dice", float("nan"))
+                self.grid.append((images[i], batch.masks[i], maps[i], masks["otsu"][i], name,
+                                  float(dice) if dice != "" else float("nan"), bool(batch.has_mask[i])))
+        self.npz.write(maps)
+        self.names.extend(batch.names)
+
+    def finish(self):
+        """Close the files, draw the grid; returns the variant's scores."""
+        self.csv_file.close()
+        self.npz.close(self.names)
+        if self.grid:
+            images, gts, maps, preds, names, dices, has_mask = (np.stack(c) if k < 4 else list(c)
+                                                                for k, c in enumerate(zip(*self.grid)))
+            write_grid(os.path.join(self.folder, "grid.png"), images, gts, maps, preds, names, dices,
+                       np.array(has_mask))
+        labels = np.array(self.scored_labels)
+        tumour = labels != 0
+        scores = {key: summarize([r for r, t in zip(records, tumour) if t]) for key, records in self.records.items()}
+        scores["map_separability"] = float(np.mean(self.separability)) if self.separability else float("nan")
+        if (labels == 0).any():
+            scores["all_slices"] = {key: summarize(records) for key, records in self.records.items()}
+        return scores
+
+
+class SliceReport:
+    """All outputs of a run, from the pipeline's results in order (see the module docstring).
+
+    Use as a context manager around the run: the temporary folder replaces `out_dir` only when
+    `finish` was called and the block ended without an error.
+    """
+
+    def __init__(self, out_dir, *, variants, n_images, shape, options=MaskOptions(), grid_images=8):
+        self.out_dir, self.variants, self.n_images = out_dir, list(variants), n_images
+        self.shape, self.options, self.grid_images = tuple(shape), options, grid_images
+        self.n_scored = self.n_segmented = 0
+        self.probabilities, self.labels = [], []
+
+    def __enter__(self):
+        self._atomic = atomic_directory(self.out_dir)
+        self.tmp = self._atomic.__enter__()
+        several = len(self.variants) > 1
+        self.folders = {v: os.path.join(self.tmp, v) if several else self.tmp for v in self.variants}
+        self.writers = {v: VariantWriter(self.folders[v], self.n_images, self.shape, self.options, self.grid_images)
+                        for v in self.variants}
+        return self
+
+    def __exit__(self, *exc):
+        for writer in self.writers.values():
+            writer.csv_file.close()
+        return self._atomic.__exit__(*exc)
+
+    def add(self, result):
+        for variant, writer in self.writers.items():
+            writer.add(result, result.maps[variant])
+        self.n_scored += int(result.batch.has_mask.sum())
+        self.n_segmented += int(result.segmented.sum())
+        if result.tumour_probability is not None:
+            self.probabilities.extend(result.tumour_probability)
+            self.labels.extend(result.batch.labels)
+
+    def finish(self, *, method, settings, seconds, variant_settings=None, threshold=None, volumes_from=None):
+        """Close every file, paste volumes (`volumes_from`: (src_dir, split, raw_dir)), write summary.json;
+        returns the summary."""
+        variant_settings = variant_settings or {}
+        summary = {"method": method, "settings": settings, "n_images": self.n_images, "n_scored": self.n_scored,
+                   "n_segmented": self.n_segmented, "seconds_per_image": seconds / max(self.n_images, 1),
+                   "mask_options": self.options.as_dict(), "variants": {}}
+        if threshold is not None:
+            summary["detection"] = detection_scores(self.probabilities, self.labels, threshold)
+        for variant, writer in self.writers.items():
+            result = {"settings": variant_settings.get(variant, {}), **writer.finish()}
+            if volumes_from is not None:
+                result["volumes"] = write_volumes(self.folders[variant], writer.names, volumes_from)
+            summary["variants"][variant] = result
+        write_json(os.path.join(self.tmp, "summary.json"), summary)
+        return summary
 
 
 def check_volumes_possible(src_dir, split, names):
@@ -138,88 +279,27 @@ def check_volumes_possible(src_dir, split, names):
         raise ValueError(f"src_dir {src_dir}: manifest.csv has no row for {missing[0]}")
 
 
-def paste_volumes(src_dir, split, folder, names, masks_by_kind):
-    """Masks back into each subject's source grid; per-subject rows with 3-D Dice per mask kind."""
-    import nibabel as nib
+def write_volumes(folder, names, volumes_from):
+    """Paste the masks written in `folder` back into each subject's source grid; writes volumes/ and
+    volumes.csv (3-D Dice where the subject's label map is found) and returns the summary part."""
+    from PIL import Image
 
-    from ..volumes import paste_slices, read_manifest
+    from ..volumes import paste_subject_masks
 
-    rows = [r for r in read_manifest(src_dir) if r["split"] == split]
-    settings_path = os.path.join(src_dir, "dataset.json")
-    lesion_labels = ()
-    if os.path.isfile(settings_path):
-        with open(settings_path) as f:
-            lesion_labels = tuple(json.load(f).get("options", {}).get("lesion_labels", ()) or ())
-    evaluated = {os.path.basename(n): i for i, n in enumerate(names)}
-    by_name = {os.path.basename(r["file"]): r for r in rows}
-    os.makedirs(folder, exist_ok=True)
-    results = []
-    for source in sorted({by_name[n]["source"] for n in evaluated}):
-        subject_rows = [r for r in rows if r["source"] == source]
-        seg = np.rint(np.asarray(nib.load(subject_rows[0]["seg_source"]).dataobj)).astype(np.int64)
-        gt = np.isin(seg, lesion_labels) if lesion_labels else seg != 0
-        subject = subject_rows[0]["subject"]
-        result = {"subject": subject,
-                  "slices_evaluated": sum(os.path.basename(r["file"]) in evaluated for r in subject_rows)}
-        for kind, masks in masks_by_kind.items():
-            pasted = paste_slices(subject_rows, {
-                r["file"]: masks[evaluated[os.path.basename(r["file"])]].astype(np.float32)
-                for r in subject_rows if os.path.basename(r["file"]) in evaluated
-            }, nearest=True, source=source)
-            prediction = np.asarray(pasted.dataobj) > 0.5
-            if prediction.shape != gt.shape:
-                raise ValueError(f"{subject_rows[0]['seg_source']}: shape {gt.shape} differs from {source} "
-                                 f"{prediction.shape}")
-            result[f"dice_3d{kind}"] = dice_3d(prediction, gt)
-            volume = nib.Nifti1Image(prediction.astype(np.uint8), pasted.affine)
-            with gzip.open(os.path.join(folder, f"{subject}_pred{kind}.nii.gz"), "wb") as f:
-                f.write(volume.to_bytes())
-        results.append(result)
-    return results
+    src_dir, split, raw_dir = volumes_from
 
+    def read_mask(name, suffix):
+        stem = os.path.splitext(os.path.basename(name))[0]
+        with Image.open(os.path.join(folder, "masks" + suffix, stem + ".png")) as image:
+            return np.asarray(image) > 127
 
-def _write_variant(folder, slices, maps, options, grid_images, volumes_from):
-    """Files of one variant in `folder`; returns its summary (without settings)."""
-    os.makedirs(folder, exist_ok=True)
-    evaluated = evaluate_variant(maps, slices.masks, slices.images, options)
-    (masks, records), (masks_lcc, records_lcc) = evaluated["otsu"], evaluated["largest_component"]
-    rows, fields = _metric_rows(slices.names, slices.labels.numpy(), records, records_lcc)
-    _write_csv(os.path.join(folder, "metrics.csv"), rows, fields)
-    with open(os.path.join(folder, "saliency.npz"), "wb") as f:
-        np.savez_compressed(f, maps=maps.astype(np.float32), names=np.asarray(slices.names))
-    _write_masks(os.path.join(folder, "masks"), slices.names, masks)
-    _write_masks(os.path.join(folder, "masks_lcc"), slices.names, masks_lcc)
-    if grid_images > 0:
-        write_grid(os.path.join(folder, "grid.png"), slices.images.numpy(), slices.masks, maps, masks, slices.names,
-                   records, grid_images)
-    summary = _scores(evaluated, maps, slices.images, options)
-    if volumes_from is not None:
-        src_dir, split = volumes_from
-        subjects = paste_volumes(src_dir, split, os.path.join(folder, "volumes"), slices.names,
-                                 {"": masks, "_lcc": masks_lcc})
-        _write_csv(os.path.join(folder, "volumes.csv"), subjects, list(subjects[0]))
-        summary["volumes"] = {"n_subjects": len(subjects)}
-        for key in ("dice_3d", "dice_3d_lcc"):
-            values = [s[key] for s in subjects if math.isfinite(s[key])] or [np.nan]
-            summary["volumes"].update({f"{key}_mean": float(np.mean(values)), f"{key}_std": float(np.std(values))})
-    return summary
+    kinds = {suffix: (lambda name, s=suffix: read_mask(name, s)) for _, _, suffix in MASK_KINDS}
+    subjects = paste_subject_masks(src_dir, split, names, kinds, os.path.join(folder, "volumes"), raw_dir=raw_dir)
+    write_csv(os.path.join(folder, "volumes.csv"), subjects, list(subjects[0]))
+    result = {"n_subjects": len(subjects)}
+    for _, _, suffix in MASK_KINDS:
+        key = f"dice_3d{suffix}"
+        values = [s[key] for s in subjects if s.get(key) is not None and math.isfinite(s[key])] or [np.nan]
+        result.update({f"{key}_mean": float(np.mean(values)), f"{key}_std": float(np.std(values))})
+    return result
 
-
-def write_report(out_dir, *, method, settings, slices, maps_by_variant, seconds, variant_settings=None,
-                 options=MaskOptions(), grid_images=8, volumes_from=None):
-    """Write every output of a run to `out_dir` (replacing an earlier run there only on success).
-
-    `variant_settings` maps a variant to its own settings (e.g. its tau); `volumes_from` is
-    (src_dir, split) to paste masks back into NIfTI volumes. Returns the summary written.
-    """
-    variant_settings = variant_settings or {}
-    several = len(maps_by_variant) > 1
-    summary = {"method": method, "settings": settings, "n_images": len(slices),
-               "seconds_per_image": seconds / max(len(slices), 1), "mask_options": options.as_dict(), "variants": {}}
-    with atomic_directory(out_dir) as tmp:
-        for variant, maps in maps_by_variant.items():
-            folder = os.path.join(tmp, variant) if several else tmp
-            result = _write_variant(folder, slices, maps, options, grid_images, volumes_from)
-            summary["variants"][variant] = {"settings": variant_settings.get(variant, {}), **result}
-        _write_json(os.path.join(tmp, "summary.json"), summary)
-    return summary

@@ -23,7 +23,7 @@ DEFAULT_ROWS = ("cg-cdm", "cg-cdm-default-mask", "cg-cdm-label-free", "cg-cdm-pa
 
 def _point_flags(point):
     return ["--noise_level", str(point["noise_level"]), "--steps", str(point["steps"]), "--tau", str(point["tau"]),
-            "--classifier_scale", str(point["classifier_scale"])]
+            "--classifier_scale", str(point["classifier_scale"]), "--noise_draws", str(point.get("noise_draws", 1))]
 
 
 def _mask_flags(options):

@@ -6,10 +6,15 @@ every R <= R_max (partial sums), and every tau shares branch A, so the whole stu
 runs. CDM is the same runs at classifier scale 0.
 
 Two choices are made from the grid, never from validation masks:
-- `mask_tuned`: the point with the best mean Dice against the training masks, then the
+- `mask_tuned`: the cheapest point (fewest UNet and classifier passes: R x noise draws) whose mean
+  Dice against the training masks is within `tolerance` (0.005) of the best, then the
   post-processing (smoothing, foreground-only threshold, largest component) best on those maps;
-- `label_free`: the point whose maps are the most clearly two-class (`otsu_separability`, which
-  needs no mask at all), with the paper's post-processing.
+  the best point itself is recorded beside it (`mask_tuned_best`);
+- `label_free`: the same rule on the label-free score (`otsu_separability`: how clearly two-class
+  the maps are, which needs no mask at all), with the paper's post-processing.
+The noise-draw sweep spends passes differently: the mean of the maps of K noise draws at R = 1, 2
+against one draw at R = K, at the best point's Q, tau and s. The detection threshold of `--slices
+all` and `segment_scans.py` is chosen on the training split's image labels (`detect.choose_threshold`).
 """
 
 import json
@@ -48,6 +53,11 @@ class StudyGrid:
     scales: tuple = (0.0, 1.0, 10.0, 100.0, 1000.0)
     paper_scale: float = 10.0  # s of the Q / R and tau sweeps
     paper_steps: int = 10  # R of the tau and s sweeps
+    noise_draws: tuple = (2, 5)  # K of the noise-draw sweep (0 draws: no sweep)
+    draw_steps: tuple = (1, 2)  # R of the noise-draw sweep
+
+
+COST_TOLERANCE = 0.005  # Dice (or separability) a cheaper point may lose against the best one
 
 
 class StepSweep(CGCDM):
@@ -79,20 +89,22 @@ def load_models(ddpm_path, classifier_path, device):
     return model, diffusion_from_config({**config, "timestep_respacing": ""}), classifier
 
 
-def measure(models, slices, *, noise_level, record_steps, taus, scale, batch_size, seed, sweep, progress=True):
+def measure(models, slices, *, noise_level, record_steps, taus, scale, batch_size, seed, sweep, progress=True,
+            noise_draws=1):
     """Rows (one per recorded step count and tau) of one run, with training-split scores."""
     model, diffusion, classifier = models
     settings = SaliencySettings(noise_level=noise_level, steps=max(record_steps), taus=tuple(taus),
                                 classifier_scale=scale, seed=seed)
     method = StepSweep(settings, record_steps, model=model, diffusion=diffusion, classifier=classifier)
-    maps, seconds = compute_maps(method, slices.images, slices.labels, batch_size=batch_size, seed=seed,
-                                 progress=progress)
+    maps, seconds = compute_maps(method, slices.images, slices.labels, batch_size=batch_size, names=slices.names,
+                                 seed=seed, progress=progress, noise_draws=noise_draws)
     rows = []
     for r in record_steps:
         for tau in taus:
             summary = variant_summary(maps[point_name(r, tau)], slices.masks, slices.images)
             rows.append({"sweep": sweep, "method": "cg-cdm" if scale else "cdm", "noise_level": noise_level,
                          "steps": r, "tau": float(tau), "classifier_scale": scale,
+                         "noise_draws": noise_draws, "passes": r * noise_draws,
                          "dice": summary["otsu"]["dice_mean"], "dice_lcc": summary["largest_component"]["dice_mean"],
                          "separability": summary["map_separability"], "seconds_per_image": seconds / len(slices)})
     return rows
@@ -121,12 +133,32 @@ def run_ablation(models, slices, grid=StudyGrid(), *, batch_size=32, seed=0, log
     return rows
 
 
-def best_point(rows, key, method=None, max_steps=None):
-    """The row with the highest `key` among `method`'s rows with at most `max_steps` steps (ties: fewer
-    steps, then the earlier row)."""
+def noise_draw_sweep(models, slices, best, grid=StudyGrid(), *, batch_size=32, seed=0, log=print):
+    """Rows of K noise draws at the R of `grid.draw_steps`, at `best`'s Q, tau and s (equal cost: K draws
+    at R = 1 against one draw at R = K, which the R sweep measured)."""
+    rows = []
+    for draws in grid.noise_draws:
+        log(f"noise draws: K = {draws}")
+        rows += measure(models, slices, noise_level=best["noise_level"], record_steps=grid.draw_steps,
+                        taus=(best["tau"],), scale=best["classifier_scale"], batch_size=batch_size, seed=seed,
+                        sweep="noise_draws", noise_draws=draws)
+    return rows
+
+
+def passes(row):
+    """UNet (and classifier) passes per image of a row: R x noise draws."""
+    return row["steps"] * row.get("noise_draws", 1)
+
+
+def best_point(rows, key, method=None, max_steps=None, tolerance=0.0):
+    """The cheapest row (fewest `passes`) whose `key` is within `tolerance` of the highest among `method`'s
+    rows with at most `max_steps` steps; tolerance 0 gives the best row (ties: fewer passes, then the
+    earlier row)."""
     candidates = [r for r in rows if (method is None or r["method"] == method)
                   and (max_steps is None or r["steps"] <= max_steps)]
-    return max(candidates, key=lambda r: (r[key], -r["steps"]))
+    top = max(r[key] for r in candidates)
+    good = [r for r in candidates if r[key] >= top - tolerance]
+    return min(good, key=lambda r: (passes(r), -r[key]))
 
 
 def choose_postprocessing(models, slices, point, *, batch_size=32, seed=0, options=POSTPROCESSING):
@@ -135,7 +167,8 @@ def choose_postprocessing(models, slices, point, *, batch_size=32, seed=0, optio
     settings = SaliencySettings(noise_level=point["noise_level"], steps=point["steps"], taus=(point["tau"],),
                                 classifier_scale=point["classifier_scale"], seed=seed)
     method = CGCDM(settings, model=model, diffusion=diffusion, classifier=classifier)
-    maps, _ = compute_maps(method, slices.images, slices.labels, batch_size=batch_size, seed=seed, progress=False)
+    maps, _ = compute_maps(method, slices.images, slices.labels, batch_size=batch_size, names=slices.names, seed=seed,
+                           progress=False, noise_draws=point.get("noise_draws", 1))
     (point_maps,) = maps.values()
     rows, best = [], None
     for option in options:
@@ -149,25 +182,42 @@ def choose_postprocessing(models, slices, point, *, batch_size=32, seed=0, optio
     return best[0], rows
 
 
-def selection(rows, postprocessing, postprocessing_rows, n_images, max_steps=None):
+def choose_detection(classifier, batches, device):
+    """The detection threshold chosen on `batches` (training slices of both labels) and its scores there."""
+    from .detect import TumourDetector, choose_threshold, detect_all, detection_scores
+
+    probabilities, labels = detect_all(TumourDetector(classifier), batches, device)
+    threshold = choose_threshold(probabilities, labels)
+    return {**detection_scores(probabilities, labels, threshold), "n_training_images": len(labels)}
+
+
+def selection(rows, postprocessing, postprocessing_rows, n_images, max_steps=None, tolerance=COST_TOLERANCE,
+              detection=None):
     """The settings chosen on the training split, as saved in selection.json.
 
-    `max_steps` caps R (a time budget: segmentation time grows linearly with R); the best point
-    without the cap is recorded too (`mask_tuned_any_steps`).
+    `max_steps` caps R (a time budget); `tolerance` is the Dice a cheaper point may lose against the
+    best (see the module docstring); the best points are recorded too. `detection`: the record of
+    `choose_detection`.
     """
     def settings_of(row):
-        return {k: row[k] for k in ("noise_level", "steps", "tau", "classifier_scale")} | {"training_dice": row["dice"]}
+        return ({k: row[k] for k in ("noise_level", "steps", "tau", "classifier_scale")}
+                | {"noise_draws": row.get("noise_draws", 1), "passes": passes(row), "training_dice": row["dice"],
+                   "training_separability": row["separability"]})
 
+    mask_tuned = best_point(rows, "dice", "cg-cdm", max_steps, tolerance)
     return {
         "n_training_images": n_images,
         "max_steps": max_steps,
-        "mask_tuned": settings_of(best_point(rows, "dice", "cg-cdm", max_steps))
-        | {"postprocessing": postprocessing.as_dict()},
+        "tolerance": tolerance,
+        "mask_tuned": settings_of(mask_tuned) | {"postprocessing": postprocessing.as_dict()},
+        "mask_tuned_best": settings_of(best_point(rows, "dice", "cg-cdm", max_steps)),
         "mask_tuned_any_steps": settings_of(best_point(rows, "dice", "cg-cdm")),
-        "mask_tuned_cdm": settings_of(best_point(rows, "dice", "cdm", max_steps)),
-        "label_free": settings_of(best_point(rows, "separability", "cg-cdm", max_steps))
+        "mask_tuned_cdm": settings_of(best_point(rows, "dice", "cdm", max_steps, tolerance))
+        | {"postprocessing": postprocessing.as_dict()},
+        "label_free": settings_of(best_point(rows, "separability", "cg-cdm", max_steps, tolerance))
         | {"postprocessing": MaskOptions().as_dict()},
         "postprocessing_candidates": postprocessing_rows,
+        **({"detection": detection} if detection is not None else {}),
     }
 
 

@@ -14,13 +14,14 @@ import os
 
 from .. import dist_util
 from ..cli import UserError, atomic_write_text, require_dir
-from .pipeline import select_slices
+from .pipeline import SliceBatches, load_slice_set, select_slices
 from .results import DEFAULT_ROWS, format_table, row_specs, run_rows
-from .study import StudyGrid, best_point, choose_postprocessing, load_models, run_ablation, save_study, selection
+from .study import (COST_TOLERANCE, StudyGrid, best_point, choose_detection, choose_postprocessing, load_models,
+                    noise_draw_sweep, run_ablation, save_study, selection)
 
 
-def _models_paths(models_dir):
-    paths = {name: os.path.join(models_dir, name, "model.pt") for name in ("ddpm", "classifier", "resnet18")}
+def _models_paths(models_dir, names=("ddpm", "classifier", "resnet18")):
+    paths = {name: os.path.join(models_dir, name, "model.pt") for name in names}
     for path in paths.values():
         if not os.path.isfile(path):
             raise UserError(f"--models {models_dir}: {path} is missing (scripts/train_demo.py makes it)")
@@ -36,44 +37,75 @@ def _numbers(text):
 
 def ablation_main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], allow_abbrev=False)
-    parser.add_argument("--models", default="runs/demo", help="folder with ddpm/ and classifier/ model.pt (default: %(default)s)")
+    parser.add_argument("--models", default="runs/demo",
+                        help="folder with ddpm/ and classifier/ model.pt, used where --model_path or "
+                             "--classifier_path is not given (default: %(default)s)")
+    parser.add_argument("--model_path", default="", help="DDPM checkpoint with its args.json (default: <models>/ddpm/model.pt)")
+    parser.add_argument("--classifier_path", default="",
+                        help="noise-conditioned classifier checkpoint with its args.json; it guides CG-CDM and "
+                             "detects lesions at t = 0 (default: <models>/classifier/model.pt)")
     parser.add_argument("--src_dir", default="data/demo/slices", help="slice dataset (default: %(default)s)")
     parser.add_argument("--split", default="training", help="split the settings are chosen on (default: %(default)s)")
     parser.add_argument("--max_images", type=int, default=32,
                         help="tumour slices of the split, evenly spaced, every point measured on (default: %(default)s)")
+    parser.add_argument("--detect_images", type=int, default=512,
+                        help="slices of the split (normal and tumour, evenly spaced) the detection threshold is "
+                             "chosen on, from their image labels (0: no detection threshold) (default: %(default)s)")
     parser.add_argument("--batch_size", type=int, default=32, help="images per batch (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the one noise draw (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise draws (default: %(default)s)")
     parser.add_argument("--out_dir", default="runs/demo_study", help="where the study goes (default: %(default)s)")
     parser.add_argument("--max_steps", type=int, default=10,
                         help="the chosen settings use at most this many DDIM steps R: a time budget, since "
                              "segmentation time grows linearly with R (0: no cap) (default: %(default)s)")
+    parser.add_argument("--tolerance", type=float, default=COST_TOLERANCE,
+                        help="the cheapest point (fewest passes, R x noise draws) within this much training "
+                             "Dice of the best is chosen (0: the best) (default: %(default)s)")
     grid = StudyGrid()
     for name, help_text in (("noise_levels", "noise levels Q of the R sweep, fractions of T"),
                             ("record_steps", "step counts R recorded in the R sweep (one run of the largest)"),
-                            ("taus", "taus of the tau sweep"), ("scales", "classifier scales s of the s sweep")):
+                            ("taus", "taus of the tau sweep"), ("scales", "classifier scales s of the s sweep"),
+                            ("noise_draws", "noise draws K of the noise-draw sweep (0: none)"),
+                            ("draw_steps", "step counts R of the noise-draw sweep")):
         parser.add_argument(f"--{name}", default=",".join(f"{v:g}" for v in getattr(grid, name)),
                             help=f"{help_text} (default: %(default)s)")
     args = parser.parse_args(argv)
     try:
         grid = StudyGrid(noise_levels=_numbers(args.noise_levels), record_steps=tuple(int(v) for v in _numbers(args.record_steps)),
-                         taus=_numbers(args.taus), scales=_numbers(args.scales))
+                         taus=_numbers(args.taus), scales=_numbers(args.scales),
+                         noise_draws=tuple(int(v) for v in _numbers(args.noise_draws) if v),
+                         draw_steps=tuple(int(v) for v in _numbers(args.draw_steps)))
     except ValueError as err:
-        raise UserError(f"--noise_levels, --record_steps, --taus and --scales take comma lists of numbers ({err})")
-    if args.max_images < 1 or args.batch_size < 1:
-        raise UserError("--max_images and --batch_size must be at least 1")
+        raise UserError(f"--noise_levels, --record_steps, --taus, --scales, --noise_draws and --draw_steps take "
+                        f"comma lists of numbers ({err})")
+    if args.max_images < 1 or args.batch_size < 1 or args.detect_images < 0:
+        raise UserError("--max_images and --batch_size must be at least 1, --detect_images at least 0")
+    if not args.tolerance >= 0:
+        raise UserError(f"--tolerance {args.tolerance}: must be at least 0")
     require_dir(args.src_dir, "--src_dir")
-    paths = _models_paths(args.models)
-    models = load_models(paths["ddpm"], paths["classifier"], dist_util.dev())
+    ddpm_path = args.model_path or _models_paths(args.models, ("ddpm",))["ddpm"]
+    classifier_path = args.classifier_path or _models_paths(args.models, ("classifier",))["classifier"]
+    device = dist_util.dev()
+    models = load_models(ddpm_path, classifier_path, device)
+    size, channels = models[0].image_size, models[0].in_channels
     try:
-        slices = select_slices(args.src_dir, args.split, image_size=models[0].image_size,
-                               in_channels=models[0].in_channels, max_images=args.max_images)
+        slices = load_slice_set(args.src_dir, args.split, image_size=size, in_channels=channels,
+                                max_images=args.max_images)
     except ValueError as err:
         raise UserError(f"--src_dir {err}")
     rows = run_ablation(models, slices, grid, batch_size=args.batch_size, seed=args.seed)
     max_steps = args.max_steps or None
-    options, option_rows = choose_postprocessing(models, slices, best_point(rows, "dice", "cg-cdm", max_steps),
-                                                 batch_size=args.batch_size, seed=args.seed)
-    chosen = selection(rows, options, option_rows, len(slices), max_steps)
+    rows += noise_draw_sweep(models, slices, best_point(rows, "dice", "cg-cdm", max_steps), grid,
+                             batch_size=args.batch_size, seed=args.seed)
+    point = best_point(rows, "dice", "cg-cdm", max_steps, args.tolerance)
+    options, option_rows = choose_postprocessing(models, slices, point, batch_size=args.batch_size, seed=args.seed)
+    detection = None
+    if args.detect_images:
+        every = select_slices(args.src_dir, args.split, image_size=size, in_channels=channels, slices="all",
+                              max_images=args.detect_images)
+        detection = choose_detection(models[2], SliceBatches(every, args.batch_size), device)
+    chosen = selection(rows, options, option_rows, len(slices), max_steps, args.tolerance, detection)
+    chosen.update(model_path=os.path.abspath(ddpm_path), classifier_path=os.path.abspath(classifier_path),
+                  src_dir=os.path.abspath(args.src_dir), split=args.split)
     save_study(args.out_dir, rows, chosen)
     print(json.dumps({k: v for k, v in chosen.items() if k != "postprocessing_candidates"}, indent=1))
     print(f"wrote {args.out_dir}/ablation.json, ablation.png and selection.json")
@@ -111,8 +143,8 @@ def noise_range_main(argv=None):
     classifier, config = load_classifier(args.classifier_path, device=dist_util.dev())
     val = SliceDataset(args.src_dir, "validation", image_size=config["image_size"], in_channels=config["in_channels"])
     items = [val[i] for i in evenly_spaced(list(range(len(val))), args.val_images)]
-    train = select_slices(args.src_dir, "training", image_size=config["image_size"], in_channels=config["in_channels"],
-                          max_images=args.max_images)
+    train = load_slice_set(args.src_dir, "training", image_size=config["image_size"], in_channels=config["in_channels"],
+                           max_images=args.max_images)
     rows = noise_range_rows(checkpoints, classifier, torch.stack([i["image"] for i in items]),
                             torch.stack([i["label"] for i in items]), train)
     taus = [k for k in rows[0] if k.startswith("dice_tau_")]
