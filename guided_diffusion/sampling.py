@@ -7,7 +7,8 @@ a run is reproducible for a given number of processes. `sample_main` is the
 command line shared by `scripts/image_tumor_sample.py` and
 `scripts/classifier_tumor_sample.py`: it rebuilds the model (and classifier)
 from the `args.json` beside each checkpoint and writes
-`samples_{N}x{H}x{W}x{C}.npz` plus a labelled PNG grid.
+`samples_{N}x{H}x{W}x{C}.npz` plus a labelled PNG grid; `--precision` and `--compile` go to
+`inference.prepare_for_inference`.
 """
 
 import json
@@ -30,6 +31,7 @@ from .checkpoint_util import (
 from .cli import ArgumentParser, UserError, add_flags, atomic_path, explicit_flags, removed_on_failure
 from .guidance import label_model, make_classifier_cond_fn
 from .implicit_inputs import CLASSIFIER_DIRS, DDPM_DIRS, checkpoint_in, newest_checkpoint
+from .inference import add_inference_flags, prepare_for_inference
 from .script_util import FLAG_ALIASES, FLAG_HELP, classifier_defaults, model_and_diffusion_defaults
 from .volumes import to_uint8
 
@@ -239,6 +241,7 @@ def create_argparser(guided=False):
     )
     parser = ArgumentParser(description=description, allow_abbrev=False)
     add_flags(parser, sampling_defaults(guided), help=SAMPLING_HELP)
+    add_inference_flags(parser)
     checked = parser.add_argument_group(
         "checkpoint configuration",
         "These are read from args.json beside the checkpoint. Typing one only checks that it agrees, "
@@ -328,12 +331,15 @@ def sample_main(argv=None, guided=False):
         warnings.warn(f"--model_path {args.model_path} was trained on t < {trained_range:g} T only (--max_noise_level); "
                       f"sampling starts from pure noise at t = T, where it has never been trained", stacklevel=1)
     num_classes = config["num_classes"]
-    cond_fn = classifier_config = None
+    classifier = cond_fn = classifier_config = None
     if guided:
         classifier, classifier_config = load_classifier(args.classifier_path, args, explicit, device)
         check_same_diffusion(classifier_config, config, args.classifier_path, args.model_path)
         _check_classifier_fits(classifier_config, config, args.classifier_path)
-        cond_fn = make_classifier_cond_fn(classifier, args.classifier_scale)
+    setup = prepare_for_inference(model, classifier, precision=args.precision, compile=args.compile, device=device)
+    model = setup.model
+    if guided:
+        cond_fn = make_classifier_cond_fn(setup.classifier, args.classifier_scale)
     if args.class_label != -1:
         if not (config["class_cond"] or guided):
             raise UserError(f"--class_label {args.class_label}: the model {args.model_path} is not class-conditional")

@@ -294,3 +294,24 @@ def test_mpiexec_two_processes_share_the_samples(checkpoints, first_run, tmp_pat
         # Rank 1 has its own seed.
         assert not np.array_equal(two["arr_0"][3:], one["arr_0"][3:])
     assert (tmp_path / "log-rank001.txt").is_file()
+
+
+def test_bf16_sampling_follows_the_fp32_samples_and_a_bad_precision_is_one_line(checkpoints, tmp_path):
+    # Random weights everywhere (a fresh UNet's zero output layer would look the same in any precision).
+    model_path = write_model_checkpoint(str(tmp_path / "ddpm"))
+    state = torch.load(model_path)
+    generator = torch.Generator().manual_seed(0)
+    torch.save({k: v + 0.05 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+                for k, v in state.items()}, model_path)
+    common = ["--model_path", model_path, "--classifier_path", checkpoints["classifier"], "--num_samples", "3",
+              "--batch_size", "3", "--timestep_respacing", "10", "--seed", "3", "--classifier_scale", "2"]
+    for precision in ("fp32", "bf16"):
+        sampling.sample_main(common + ["--precision", precision, "--save_dir", str(tmp_path / precision)], guided=True)
+    with np.load(tmp_path / "fp32" / "samples_3x32x32x1.npz") as a, np.load(tmp_path / "bf16" / "samples_3x32x32x1.npz") as b:
+        difference = np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int))
+        assert np.array_equal(a["arr_1"], b["arr_1"]) and a["arr_0"].std() > 10
+    assert 0 < difference.mean() < 4  # bfloat16 rounding moves some grey levels, the images stay the same
+    with open(tmp_path / "bf16" / "log.txt") as f:
+        assert '"precision": "bf16"' in f.read()
+    result = run_script(GUIDED_SCRIPT, *common, "--precision", "fp8", "--save_dir", tmp_path / "fp8")
+    assert_one_line_error(result, "--precision", "fp8")
