@@ -316,6 +316,21 @@ def hd95(pred, gt, spacing=1.0, convention="boundary"):
     return hausdorff_distance(pred, gt, 95, spacing, convention)
 
 
+def hd95_3d(pred, gt, spacing=(1.0, 1.0, 1.0)):
+    """95th-percentile Hausdorff distance of two 3-D masks in the units of `spacing` (voxel size, e.g.
+    mm), MONAI's boundary convention as in `hausdorff_distance`; NaN if either is empty."""
+    pred, gt = _as_mask(pred), _as_mask(gt)
+    if pred.ndim != 3:
+        raise ValueError(f"hd95_3d takes 3-D masks, got shape {pred.shape}")
+    _check_same_shape(pred, gt)
+    spacing = tuple(float(v) for v in np.broadcast_to(np.asarray(spacing, np.float64), (3,)))
+    if not pred.any() or not gt.any():
+        return float("nan")
+    union = pred | gt
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(union))  # see `_union_crop`
+    return _boundary_hausdorff(_edge_distances(pred[box], gt[box], spacing), 95)
+
+
 def surface_dice(pred, gt, tolerance=SURFACE_TOLERANCE, spacing=1.0, subvoxels=False):
     """Surface Dice of two 2-D masks at `tolerance` (pixels times `spacing`; default 2 px).
 

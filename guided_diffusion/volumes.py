@@ -114,7 +114,7 @@ def _one_line(err):
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
-def _load_nifti(path):
+def _load_nifti(path, warn=None):
     try:
         img = nib.load(os.fspath(path))
         data = img.get_fdata(dtype=np.float32)
@@ -124,19 +124,23 @@ def _load_nifti(path):
         data = data[..., 0]
     if data.ndim != 3:
         raise UserError(f"{path}: expected a 3-D volume, got shape {data.shape}")
-    return img, np.nan_to_num(data, copy=False)
+    bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+    if bad and warn is not None:
+        warn(f"{path}: {bad} NaN or infinite voxels, read as 0")
+    return img, np.nan_to_num(data, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _canonical_ornt(affine):
     return nib.orientations.io_orientation(affine)
 
 
-def load_canonical(path):
+def load_canonical(path, warn=None):
     """Read a 3-D NIfTI volume as float32 in closest canonical (RAS+) orientation.
 
-    Returns (array, affine); UserError naming `path` if it cannot be read.
+    Returns (array, affine); UserError naming `path` if it cannot be read. NaN and infinite voxels
+    read as 0, said through `warn(message)` when given.
     """
-    img, data = _load_nifti(path)
+    img, data = _load_nifti(path, warn)
     ornt = _canonical_ornt(img.affine)
     affine = img.affine @ nib.orientations.inv_ornt_aff(ornt, data.shape)  # shape before reorienting
     data = nib.orientations.apply_orientation(data, ornt)

@@ -1,0 +1,186 @@
+"""`scripts/segment_scans.py`: segment whole scans nobody has outlined; masks in each scan's own grid.
+
+    python scripts/segment_scans.py --input patient_flair.nii.gz --model_path runs/demo/ddpm/model.pt \\
+        --classifier_path runs/demo/classifier/model.pt --method cg-cdm --settings runs/demo/selection.json \\
+        --out_dir runs/my_scans
+
+Inputs are NIfTI files, BraTS-style subject folders (the channels by --modality, default the
+dataset's) or folders of either. Each scan is prepared exactly as the training data were (from the
+prepared dataset's dataset.json: --dataset_json, or the one of the DDPM's training data found
+through its args.json), its slices detected and segmented by the pipeline of image_p_seg.py with
+its method flags, and written to --out_dir (see `segment.scans`); the folder replaces an earlier
+one only when every scan is done. A reference segmentation (a subject folder's *_seg file, or
+--reference) is used only for metrics.csv, never by the method. Under torchrun / mpiexec every
+scan's batches are shared between the processes; rank 0 writes.
+"""
+
+import contextlib
+import csv
+import json
+import os
+import sys
+import time
+
+from .. import dist_util
+from ..checkpoint_util import read_args_json
+from ..cli import ArgumentParser, UserError, add_flags, atomic_directory, explicit_flags
+from ..volumes import parse_modalities
+from ..script_util import FLAG_ALIASES, FLAG_HELP, classifier_defaults, model_and_diffusion_defaults
+from .command import HELP, check_flags, prepare_run, segmentation_defaults
+from .report import clean_json, write_json
+from .scans import ScanWriter, dataset_preprocessing, find_scans, prepare_scan, scan_batches, summarise_scans, with_reference
+
+SLICE_FOLDER_FLAGS = ("src_dir", "split", "fold", "num_folds", "fold_size", "max_images", "slices", "volumes",
+                      "raw_dir", "grid_images", "save_dir", "out_dir")
+SCAN_HELP = {
+    "out_dir": "output folder: per scan <name>_pred.nii.gz, <name>_map.nii.gz, <name>_overview.png; metrics.csv "
+               "and summary.json (replaced when the run completes)",
+    "dataset_json": "dataset.json (or its folder) of the prepared slice dataset the models were trained on: how a "
+                    "scan is preprocessed (default: the one in the DDPM's training --src_dir, from its args.json)",
+    "modality": "BraTS modalities of a subject folder, in the models' channel order: flair, t1, t1ce, t2, 'all' or a "
+                "comma list (default: the dataset's)",
+    "reference": "reference segmentation for metrics only: a NIfTI file (one scan) or a folder of "
+                 "<name>_seg.nii.gz (default: a subject folder's *_seg.nii.gz)",
+    "keep_largest": "keep only the largest connected component of each slice's mask",
+    "overview_slices": "slices shown in each <name>_overview.png (those with the most predicted lesion)",
+    "detect_threshold": "slices whose tumour probability (classifier at t = 0) is at least this are segmented, "
+                        "the others get an empty mask; 0 segments every slice (default: the threshold of "
+                        "--settings, chosen on the training split, else 0.5)",
+}
+
+
+def create_argparser():
+    parser = ArgumentParser(description="Segment whole NIfTI scans with CDM / CG-CDM: masks in each scan's own "
+                                        "voxel grid.", allow_abbrev=False)
+    parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                        help="NIfTI scans (.nii, .nii.gz), BraTS-style subject folders, or folders of either")
+    defaults = {k: v for k, v in segmentation_defaults().items() if k not in SLICE_FOLDER_FLAGS}
+    defaults.update(out_dir="runs/segment_scans", dataset_json="", modality="", reference="", keep_largest=False,
+                    overview_slices=6)
+    add_flags(parser, defaults, help={**HELP, **SCAN_HELP})
+    checked = parser.add_argument_group(
+        "checkpoint configuration", "Read from args.json beside each checkpoint; typing one only checks that it agrees.")
+    flags = dict(model_and_diffusion_defaults())
+    flags.update({k: v for k, v in classifier_defaults().items() if k not in flags})
+    add_flags(checked, flags, help=FLAG_HELP, aliases=FLAG_ALIASES)
+    return parser
+
+
+def _settings_path(path):
+    return os.path.join(path, "dataset.json") if os.path.isdir(path) else path
+
+
+def find_dataset_settings(args):
+    """(path, settings) of the dataset.json that says how scans are preprocessed (see --dataset_json)."""
+    recorded = None
+    src_dir = read_args_json(args.model_path).get("src_dir") if args.model_path else None
+    if src_dir:
+        for base in ("", os.path.dirname(os.path.abspath(args.model_path))):
+            candidate = os.path.join(base, src_dir, "dataset.json")
+            if os.path.isfile(candidate):
+                recorded = candidate
+                break
+    path = _settings_path(args.dataset_json) if args.dataset_json else recorded
+    if not path:
+        raise UserError("--dataset_json is required: the DDPM's args.json names no training --src_dir with a "
+                        "dataset.json")
+    if not os.path.isfile(path):
+        raise UserError(f"--dataset_json {args.dataset_json}: no such file")
+    options, modalities = dataset_preprocessing(_read_json(path), path)
+    if recorded and os.path.abspath(recorded) != os.path.abspath(path):
+        trained = dataset_preprocessing(_read_json(recorded), recorded)[0]
+        differing = [k for k in ("intensity", "crop", "image_size", "clip_percentiles", "ct_window")
+                     if getattr(trained, k) != getattr(options, k)]
+        if differing:
+            key = differing[0]
+            raise UserError(f"--dataset_json {path}: {key} {getattr(options, key)!r} differs from the DDPM's "
+                            f"training data {recorded} ({getattr(trained, key)!r}): another kind of data")
+    return path, options, modalities
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--dataset_json {path}: not a JSON file ({err})") from None
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = create_argparser()
+    args = parser.parse_args(argv)
+    explicit = explicit_flags(parser, argv)
+    for key, value in {**segmentation_defaults(), "guided": False}.items():  # the shared checks read these
+        if not hasattr(args, key):
+            setattr(args, key, value)
+    if args.overview_slices < 0:
+        raise UserError(f"--overview_slices {args.overview_slices}: must be at least 0")
+    checked = check_flags(args, explicit)
+    dist_util.setup_dist()
+    main_process = dist_util.is_main_process()
+    log = print if main_process else (lambda *a: None)
+    run = prepare_run(args, explicit, checked, detect=True, log=log)
+    dataset_json, options, modalities = find_dataset_settings(args)
+    if args.modality:
+        modalities = parse_modalities(args.modality)
+    config = run.config
+    if options.image_size != config["image_size"]:
+        raise UserError(f"--dataset_json {dataset_json}: image_size {options.image_size} but the models take "
+                        f"{config['image_size']}")
+    if len(modalities) != config["in_channels"]:
+        raise UserError(f"--modality {','.join(modalities)}: {len(modalities)} channel(s) but the models take "
+                        f"in_channels={config['in_channels']}")
+    scans = with_reference(find_scans(args.input, modalities), args.reference)
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise UserError(f"--out_dir {args.out_dir}: exists and is not a folder")
+    log(f"{args.method}: {len(scans)} scan(s), preprocessed as {dataset_json} ({options.intensity} intensities, "
+        f"{options.image_size} px, channels {', '.join(modalities)}); detection threshold {run.threshold:.3g}")
+    rows, slice_records = [], []
+    try:
+        with atomic_directory(args.out_dir) if main_process else contextlib.nullcontext() as folder:
+            writer = ScanWriter(folder, run.options, keep_largest=args.keep_largest,
+                                overview_slices=args.overview_slices)
+            for scan in scans:
+                began = time.perf_counter()
+                prepared = prepare_scan(scan, options, options.lesion_labels)
+                for warning in prepared.warnings:
+                    log(f"warning: {warning}")
+                results = list(run.pipeline.run(scan_batches(prepared, args.batch_size), desc=scan.name))
+                if main_process:
+                    row, records = writer.write(prepared, results, 0.0)
+                    row["seconds"] = time.perf_counter() - began
+                    rows.append(row)
+                    if records is not None:
+                        slice_records.append(records)
+                    log(scan_line(row))
+            if main_process:
+                summary = {"method": args.method, "dataset_json": os.path.abspath(dataset_json),
+                           "preprocessing": options.__dict__, "modalities": list(modalities),
+                           "keep_largest": args.keep_largest, "mask_options": run.options.as_dict(),
+                           "settings": run.summary_settings(args, settings_file=run.settings_file),
+                           **summarise_scans(rows, slice_records, run.threshold), "scans": rows}
+                fields = list(dict.fromkeys(k for row in rows for k in row))
+                with open(os.path.join(folder, "metrics.csv"), "w", newline="") as f:
+                    table = csv.DictWriter(f, fieldnames=fields, lineterminator="\n")
+                    table.writeheader()
+                    table.writerows(clean_json(rows))
+                write_json(os.path.join(folder, "summary.json"), summary)
+    except OSError as err:
+        raise UserError(f"--out_dir {args.out_dir}: cannot be written ({err.strerror or err})")
+    if main_process:
+        if "dice_3d_mean" in summary:
+            log(f"{summary['n_with_reference']} scan(s) with a reference: whole-volume Dice "
+                f"{summary['dice_3d_mean']:.4f}, HD95 {summary['hd95_mm_mean']:.2f} mm")
+        log(f"wrote {args.out_dir}")
+    dist_util.barrier()
+
+
+def scan_line(row):
+    """One console line per scan."""
+    line = (f"{row['scan']}: {row['segmented_slices']} of {row['slices']} slices segmented, "
+            f"{row['predicted_voxels']} voxels predicted, {row['seconds']:.1f} s")
+    if "dice_3d" in row:
+        hd95 = row["hd95_mm"]
+        line += f"; Dice {row['dice_3d']:.4f}, HD95 " + (f"{hd95:.2f} mm" if hd95 == hd95 else "n/a")
+    return line
