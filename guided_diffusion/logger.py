@@ -5,7 +5,8 @@ accumulate values; `dumpkvs` writes one row to every format: the terminal
 (`stdout`), `log.txt` (`log`), `progress.csv` (`csv`), `progress.json`
 (`json`) and TensorBoard (`tensorboard`, if installed). `log(...)` writes free
 text to the terminal and `log.txt`. Only rank 0 writes the key-value formats;
-other ranks keep a `log-rankNNN.txt` of their own text.
+other ranks keep a `log-rankNNN.txt` of their own text. A file that cannot be written (full disk,
+quota, I/O error) is a `cli.WriteError` naming it.
 """
 
 import csv
@@ -16,7 +17,7 @@ import sys
 import tempfile
 from collections import defaultdict
 
-from .cli import atomic_path
+from .cli import atomic_path, writing
 
 DEFAULT_FORMATS = "stdout,log,csv"
 
@@ -26,9 +27,13 @@ class _TextOutput:
 
     def __init__(self, stream_or_path):
         if isinstance(stream_or_path, str):
-            self.file = open(stream_or_path, "a", buffering=1)
+            self.name = stream_or_path
+            with writing(self.name):
+                # Unbuffered bytes: a write that fails leaves nothing behind to fail again at exit.
+                self.file = open(stream_or_path, "ab", buffering=0)
             self.owns_file = True
         else:
+            self.name = getattr(stream_or_path, "name", "<stream>")
             self.file = stream_or_path
             self.owns_file = False
 
@@ -40,12 +45,20 @@ class _TextOutput:
         vwidth = max(len(v) for _, v in rows)
         line = "-" * (kwidth + vwidth + 7)
         out = [line] + [f"| {k:<{kwidth}} | {v:<{vwidth}} |" for k, v in rows] + [line]
-        self.file.write("\n".join(out) + "\n")
-        self.file.flush()
+        self._write("\n".join(out) + "\n")
 
     def write_text(self, text):
-        self.file.write(text + "\n")
-        self.file.flush()
+        self._write(text + "\n")
+
+    def _write(self, text):
+        with writing(self.name):
+            if self.owns_file:
+                data = memoryview(text.encode())
+                while data:
+                    data = data[self.file.write(data):]
+            else:
+                self.file.write(text)
+                self.file.flush()
 
     def close(self):
         if self.owns_file:
@@ -67,7 +80,7 @@ class _CSVOutput:
         new_keys = [k for k in sorted(kvs) if k not in self.keys]
         if new_keys or not os.path.exists(self.path):
             self._rewrite_with_keys(self.keys + new_keys)
-        with open(self.path, "a", newline="") as f:
+        with writing(self.path), open(self.path, "a", newline="") as f:
             csv.writer(f).writerow([_csv_value(kvs.get(k)) for k in self.keys])
 
     def _rewrite_with_keys(self, keys):
@@ -89,13 +102,14 @@ class _CSVOutput:
 
 class _JSONOutput:
     def __init__(self, path):
-        self.file = open(path, "a", buffering=1)
+        self.path = path
 
     def write_kvs(self, kvs):
-        self.file.write(json.dumps({k: _json_value(v) for k, v in kvs.items()}) + "\n")
+        with writing(self.path), open(self.path, "a") as f:
+            f.write(json.dumps({k: _json_value(v) for k, v in kvs.items()}) + "\n")
 
     def close(self):
-        self.file.close()
+        pass
 
 
 class _TensorBoardOutput:

@@ -99,11 +99,12 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path):
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch, crash_in):
     real_save = torch.save
 
-    def failing_save(obj, path, *args, **kwargs):
+    def failing_save(obj, f, *args, **kwargs):
+        path = getattr(getattr(f, "file", None), "name", f)  # a path, or a file object writing to one
         if f"{crash_in}000004" in os.path.basename(str(path)):
             Path(path).write_bytes(b"half a checkpoint")
             raise OSError("simulated crash: disk full")
-        return real_save(obj, path, *args, **kwargs)
+        return real_save(obj, f, *args, **kwargs)
 
     loop = ddpm_loop(tmp_path, max_steps=4)
     monkeypatch.setattr(torch, "save", failing_save)
