@@ -9,6 +9,7 @@ NCCL when each process has a GPU, gloo otherwise.
 
 import io
 import os
+import pickle
 import socket
 
 import blobfile as bf
@@ -103,7 +104,10 @@ def dev():
 
 
 def load_state_dict(path, **kwargs):
-    """Load a checkpoint; with several processes rank 0 reads the file once and shares the bytes."""
+    """Load a checkpoint; with several processes rank 0 reads the file once and shares the bytes.
+
+    Weights only (tensors and plain data): a checkpoint's pickle never runs code.
+    """
     data = None
     if get_rank() == 0:
         with bf.BlobFile(path, "rb") as f:
@@ -113,7 +117,42 @@ def load_state_dict(path, **kwargs):
         dist.broadcast_object_list(holder, src=0)
         data = holder[0]
     kwargs.setdefault("map_location", "cpu")
+    kwargs["weights_only"] = True
     return torch.load(io.BytesIO(data), **kwargs)
+
+
+def run_on_main_process(fn, share=True):
+    """`fn()` run by rank 0 alone (e.g. a check that renames files); every process then returns its
+    result (None on the others when not `share`), or raises the error it raised, so that all stop together.
+
+    Without distribution it is just `fn()`.
+    """
+    if not is_distributed():
+        return fn()
+    value = error = None
+    if get_rank() == 0:
+        try:
+            value = fn()
+        except Exception as err:
+            error = err
+    holder = [(value if share else None, _picklable(error))]
+    dist.broadcast_object_list(holder, src=0)
+    if get_rank() == 0:
+        if error is not None:
+            raise error
+        return value
+    shared, error = holder[0]
+    if error is not None:
+        raise error
+    return shared
+
+
+def _picklable(error):
+    try:
+        pickle.dumps(error)
+        return error
+    except Exception:
+        return RuntimeError(f"rank 0 failed: {type(error).__name__}: {error}")
 
 
 def sync_params(params):

@@ -18,9 +18,7 @@ import shutil
 import subprocess
 import sys
 
-import torch
-
-from guided_diffusion.checkpoint_util import latest_checkpoint
+from guided_diffusion.checkpoint_util import latest_checkpoint, read_checkpoint
 from guided_diffusion.cli import UserError, atomic_torch_save, run_main
 from guided_diffusion.script_util import str2bool
 
@@ -54,7 +52,7 @@ def export_half(train_dir, out_dir, prefix="model"):
     source = latest_checkpoint(train_dir, prefix=prefix)
     if source is None:
         raise UserError(f"{train_dir}: no checkpoint to export")
-    state = torch.load(source, map_location="cpu")
+    state = read_checkpoint(source, "--work_dir")  # weights only: a checkpoint is data, not code
     half = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
     os.makedirs(out_dir, exist_ok=True)
     atomic_torch_save(half, os.path.join(out_dir, "model.pt"))

@@ -37,7 +37,7 @@ def check_ranks_agree_and_only_rank0_writes(save_dir, dump):
     assert saved["out.2.weight"].abs().sum() > 0  # the zero-initialised output layer has been trained
     # Checkpoints, args.json, progress.csv and the curve come from rank 0 only; rank 1 keeps just its text log.
     assert sorted(os.listdir(save_dir)) == sorted([
-        "args.json", "ema_0.99_000003.pt", "log-rank001.txt", "log.txt", "loss_curve.png",
+        "args.json", "checkpoint000003.json", "ema_0.99_000003.pt", "log-rank001.txt", "log.txt", "loss_curve.png",
         "model000003.pt", "opt000003.pt", "progress.csv",
     ])
     rows = (save_dir / "progress.csv").read_text().splitlines()

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 
 from .. import dist_util, logger
-from ..cli import UserError
+from ..cli import UserError, WriteError
 from ..cli import signal_name as _signal_name
 from ..nn import update_ema
 from ..resample import LossAwareSampler, UniformSampler
@@ -142,7 +142,8 @@ class TrainLoopBase:
         self.last_saved = None
 
         self.model = model.to(self.device, memory_format=self.memory_format)
-        self.resume_path = checkpoints.resolve_resume_checkpoint(resume_checkpoint, save_dir, self.ema_rates)
+        self.resume_path = checkpoints.resolve_resume_checkpoint(resume_checkpoint, save_dir, self.ema_rates,
+                                                                 warn=logger.log)
         self.step = 0
         if self.resume_path:
             self.step = checkpoints.parse_step(self.resume_path)
@@ -221,9 +222,13 @@ class TrainLoopBase:
                 if self.stop_requested:
                     logger.log(f"stopped by {_signal_name(self.stop_signal)} at step {self.step}; "
                                f"resume with --resume_checkpoint auto")
-        except BaseException:
+        except BaseException as err:
             if bar is not None:
                 bar.leave = False  # erase the bar, so that an error is the one line the user sees
+            if isinstance(err, WriteError):
+                last = self.last_checkpoint()
+                raise err.with_note(f"the last complete checkpoint is {last}" if last else
+                                    "no checkpoint was saved yet") from None
             raise
         finally:
             if bar is not None:
@@ -298,22 +303,19 @@ class TrainLoopBase:
         return tuple(int(v) for v in t.tolist())
 
     def _fail_non_finite(self, value):
-        good = self.last_good_step()
-        if good is None:
-            where = "no checkpoint was saved yet"
-        else:
-            directory = os.path.dirname(self.resume_path) if good == self.step and self.last_saved is None else self.save_dir
-            where = f"the last good checkpoint is {checkpoints.checkpoint_files(directory, good, ())['model']}"
+        good = self.last_checkpoint()
+        where = f"the last good checkpoint is {good}" if good else "no checkpoint was saved yet"
         what = "loss" if value is None else f"loss {value}"
         message = (f"non-finite {what} at step {self.step + 1}; stopped without saving it ({where}); "
                    f"lower --lr or check the data, then resume with --resume_checkpoint auto")
         logger.log(message)
         raise NonFiniteLossError(message)
 
-    def last_good_step(self):
+    def last_checkpoint(self):
+        """The model file of the last complete checkpoint: the one this run saved last, or resumed from (None)."""
         if self.last_saved is not None:
-            return self.last_saved
-        return self.step if self.resume_path else None
+            return checkpoints.checkpoint_files(self.save_dir, self.last_saved, ())["model"]
+        return self.resume_path or None
 
     def _dump_logs(self):
         logger.dumpkvs()
