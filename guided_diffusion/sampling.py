@@ -32,6 +32,7 @@ from .cli import ArgumentParser, UserError, add_flags, atomic_path, explicit_fla
 from .guidance import label_model, make_classifier_cond_fn
 from .implicit_inputs import CLASSIFIER_DIRS, DDPM_DIRS, checkpoint_in, newest_checkpoint
 from .inference import add_inference_flags, prepare_for_inference
+from .run_lock import folder_lock
 from .script_util import FLAG_ALIASES, FLAG_HELP, classifier_defaults, model_and_diffusion_defaults
 from .volumes import to_uint8
 
@@ -325,6 +326,16 @@ def sample_main(argv=None, guided=False):
     if guided and not args.classifier_path:
         args.classifier_path = _implied_checkpoint(saved_checkpoint, CLASSIFIER_DIRS, "--classifier_path",
                                                    "classifier", log)
+    if saved_checkpoint is not None:  # a model's folder: its log.txt and checkpoints stay apart from the samples
+        save_dir = os.path.join(args.save_dir, "samples")
+    else:
+        save_dir = args.save_dir or os.path.join(os.path.dirname(os.path.abspath(args.model_path)), "samples")
+    # One run per output folder: a second one stops here, before loading anything.
+    with folder_lock(save_dir, "--save_dir"):
+        _load_and_sample(args, explicit, guided, save_dir, device, log)
+
+
+def _load_and_sample(args, explicit, guided, save_dir, device, log):
     model, diffusion, config = load_model_and_diffusion(args.model_path, args, explicit, device)
     trained_range = float(read_args_json(args.model_path).get("max_noise_level", 1.0))
     if trained_range < 1:
@@ -351,10 +362,6 @@ def sample_main(argv=None, guided=False):
         if classifier_config else {}
     if args.src_dir:
         log(check_data_fits(args.src_dir, config, classifier_config))
-    if saved_checkpoint is not None:  # a model's folder: its log.txt and checkpoints stay apart from the samples
-        save_dir = os.path.join(args.save_dir, "samples")
-    else:
-        save_dir = args.save_dir or os.path.join(os.path.dirname(os.path.abspath(args.model_path)), "samples")
     if dist_util.is_main_process():
         # Stopped or failed before the samples are written: nothing of this run is left in save_dir.
         with removed_on_failure(save_dir, flag="--save_dir"):

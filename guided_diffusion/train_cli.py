@@ -12,6 +12,12 @@ checked before anything is written: a mistake is one line `error: ...` naming th
 exit status 2, and a new --save_dir is not even created. A run that fails before its first
 checkpoint removes what it wrote.
 
+One run per folder: training holds the lock of --save_dir (`run_lock.folder_lock`, rank 0) from
+before it looks at the folder until it ends; a second run on it stops with one line naming the
+holder, exit status 2, having written nothing. A checkpoint that cannot be written (full disk,
+quota, file-size limit) stops the run with one line naming the file, the cause and the last
+complete checkpoint, exit status 74; `--resume_checkpoint auto` continues from that checkpoint.
+
 Stopping: SIGTERM (`timeout`, `kill`, SLURM's scancel or preemption, Kubernetes) or Ctrl-C (SIGINT),
 sent to the main process or to the whole process group, finishes the current step, writes a complete
 checkpoint of it, prints one line `stopped by SIGTERM at step N: saved ...` and exits with status
@@ -20,6 +26,7 @@ exactly where it stopped (bit for bit on CPU). A second Ctrl-C aborts at once (s
 saving). Status 0 means the run reached --max_steps.
 """
 
+import contextlib
 import os
 import tempfile
 
@@ -27,9 +34,10 @@ import torch
 
 from . import dist_util, logger
 from .checkpoint_util import ARGS_FILE, merge_config, read_args_json, write_args_json
-from .cli import Stopped, UserError, explicit_flags, removed_on_failure, require_dir, signal_name
+from .cli import Stopped, UserError, atomic_torch_save, explicit_flags, removed_on_failure, require_dir, signal_name
 from .classifier_util import ClassifierTrainLoop
 from .resample import create_named_schedule_sampler
+from .run_lock import folder_lock
 from .script_util import (
     DEFAULT_CHANNEL_MULT,
     classifier_and_diffusion_defaults,
@@ -54,9 +62,8 @@ from .train.precision import resolve_amp
 from .volumes import parse_int_list
 
 
-def check_save_dir(save_dir, resuming):
-    """Check that `save_dir` can be created and written, without creating it; refuse to overwrite
-    another run's checkpoints."""
+def check_save_dir(save_dir):
+    """Check that `save_dir` can be created and written, without creating it."""
     if not save_dir:
         raise UserError("--save_dir is required")
     if os.path.exists(save_dir) and not os.path.isdir(save_dir):
@@ -71,13 +78,16 @@ def check_save_dir(save_dir, resuming):
             pass
     except OSError as err:
         raise UserError(f"--save_dir {save_dir}: not writable ({err.strerror or err})") from None
-    if os.path.isdir(save_dir):
-        existing = step_files(save_dir, "model")
-        if existing and not resuming:
-            raise UserError(
-                f"--save_dir {save_dir} already holds checkpoints ({os.path.basename(existing[-1])}); continue that run with "
-                f"--resume_checkpoint auto, or choose another --save_dir"
-            )
+
+
+def refuse_existing_checkpoints(save_dir):
+    """A new run must not overwrite the checkpoints of an earlier run in `save_dir`."""
+    existing = step_files(save_dir, "model") if os.path.isdir(save_dir) else []
+    if existing:
+        raise UserError(
+            f"--save_dir {save_dir} already holds checkpoints ({os.path.basename(existing[-1])}); continue that run with "
+            f"--resume_checkpoint auto, or choose another --save_dir"
+        )
 
 
 def config_from_flags(args, explicit, keys):
@@ -169,26 +179,31 @@ def _dump_params(model, directory):
     if directory:
         os.makedirs(directory, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        torch.save(state, os.path.join(directory, f"params-rank{dist_util.get_rank()}.pt"))
+        atomic_torch_save(state, os.path.join(directory, f"params-rank{dist_util.get_rank()}.pt"))
 
 
-def _parse_and_start(parser, argv):
-    """The flags, the names of those typed, and the checkpoint to resume from (see `_start`)."""
+def _parse(parser, argv):
+    """The flags (checked), the names of those typed, and the EMA rates."""
     args = parser.parse_args(argv)
     explicit = explicit_flags(parser, argv)
-    return args, explicit, _start(args, check_train_flags(args, argv))
+    return args, explicit, check_train_flags(args, argv)
 
 
-def _start(args, ema_rates):
-    """Distributed setup and the checks of --src_dir, --save_dir and --resume_checkpoint (nothing is
-    written); returns the checkpoint to resume from (or None)."""
+@contextlib.contextmanager
+def _training_folder(args, ema_rates):
+    """Distributed setup, the checks of --src_dir and --save_dir, and the lock of --save_dir, held while
+    the block runs; yields the checkpoint to resume from (or None).
+
+    The lock comes before anything in the folder is looked at: a second run on it stops here, having
+    written nothing. A broken checkpoint that `auto` sets aside is renamed under the lock.
+    """
     dist_util.setup_dist()
     require_dir(args.src_dir, "--src_dir")
-    resume_path = None
-    if args.resume_checkpoint:
-        resume_path = resolve_resume_checkpoint(args.resume_checkpoint, args.save_dir, ema_rates)
-    check_save_dir(args.save_dir, resuming=bool(args.resume_checkpoint))
-    return resume_path
+    check_save_dir(args.save_dir)
+    with folder_lock(args.save_dir, "--save_dir"):
+        if not args.resume_checkpoint:
+            refuse_existing_checkpoints(args.save_dir)
+        yield resolve_resume_checkpoint(args.resume_checkpoint, args.save_dir, ema_rates)
 
 
 def _train(args, saved_config, make_loop, message):
@@ -238,31 +253,32 @@ class _made_dir:
 
 def ddpm_main(argv=None, *, description, **overrides):
     """Train the class-conditional DDPM from the command line `argv` (see `ddpm_parser`)."""
-    args, explicit, resume_path = _parse_and_start(ddpm_parser(description, **overrides), argv)
-    keys = list(model_and_diffusion_defaults())
-    config = with_size_defaults(config_from_flags(args, explicit, keys), explicit)
-    config = resumed_config(config, resume_path, args, explicit, keys)
+    args, explicit, ema_rates = _parse(ddpm_parser(description, **overrides), argv)
+    with _training_folder(args, ema_rates) as resume_path:
+        keys = list(model_and_diffusion_defaults())
+        config = with_size_defaults(config_from_flags(args, explicit, keys), explicit)
+        config = resumed_config(config, resume_path, args, explicit, keys)
 
-    data = build_data(args, config, args.split, config["class_cond"])
-    torch.manual_seed(args.seed)  # the same initial weights for the same --seed
-    model, diffusion = create_model_and_diffusion(**config)
-    sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion, args.max_noise_level)
-    resolve_amp(args.amp, config["use_fp16"], dist_util.dev())
+        data = build_data(args, config, args.split, config["class_cond"])
+        torch.manual_seed(args.seed)  # the same initial weights for the same --seed
+        model, diffusion = create_model_and_diffusion(**config)
+        sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion, args.max_noise_level)
+        resolve_amp(args.amp, config["use_fp16"], dist_util.dev())
 
-    def make_loop():
-        return TrainLoop(
-            model=model, diffusion=diffusion, data=data, schedule_sampler=sampler,
-            batch_size=args.batch_size, microbatch=args.microbatch, lr=args.lr, ema_rate=args.ema_rate,
-            log_interval=args.log_interval, save_interval=args.save_interval, resume_checkpoint=resume_path or "",
-            save_dir=args.save_dir, use_fp16=config["use_fp16"], amp=args.amp,
-            fp16_scale_growth=args.fp16_scale_growth, weight_decay=args.weight_decay,
-            lr_anneal_steps=args.lr_anneal_steps, max_steps=args.max_steps, seed=args.seed,
-            channels_last=args.channels_last,
-        )
+        def make_loop():
+            return TrainLoop(
+                model=model, diffusion=diffusion, data=data, schedule_sampler=sampler,
+                batch_size=args.batch_size, microbatch=args.microbatch, lr=args.lr, ema_rate=args.ema_rate,
+                log_interval=args.log_interval, save_interval=args.save_interval, resume_checkpoint=resume_path or "",
+                save_dir=args.save_dir, use_fp16=config["use_fp16"], amp=args.amp,
+                fp16_scale_growth=args.fp16_scale_growth, weight_decay=args.weight_decay,
+                lr_anneal_steps=args.lr_anneal_steps, max_steps=args.max_steps, seed=args.seed,
+                channels_last=args.channels_last,
+            )
 
-    saved = {**config, **_train_flags(args, {**train_defaults(), **overrides})}
-    return _train(args, saved, make_loop,
-                  f"training a DDPM on {args.src_dir} with {dist_util.get_world_size()} process(es)")
+        saved = {**config, **_train_flags(args, {**train_defaults(), **overrides})}
+        return _train(args, saved, make_loop,
+                      f"training a DDPM on {args.src_dir} with {dist_util.get_world_size()} process(es)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,36 +317,37 @@ def classifier_config(args, explicit, resume_path):
 
 def classifier_main(argv=None, *, description, **overrides):
     """Train the noise-conditioned classifier from the command line `argv` (see `classifier_parser`)."""
-    args, explicit, resume_path = _parse_and_start(classifier_parser(description, **overrides), argv)
-    config = classifier_config(args, explicit, resume_path)
+    args, explicit, ema_rates = _parse(classifier_parser(description, **overrides), argv)
+    with _training_folder(args, ema_rates) as resume_path:
+        config = classifier_config(args, explicit, resume_path)
 
-    data = build_data(args, config, args.split, class_cond=True)
-    val_dataset = None
-    if args.eval_interval > 0:
-        from .datasets import SliceDataset
+        data = build_data(args, config, args.split, class_cond=True)
+        val_dataset = None
+        if args.eval_interval > 0:
+            from .datasets import SliceDataset
 
-        val_dataset = SliceDataset(args.src_dir, split=args.val_split, image_size=config["image_size"],
-                                   in_channels=config["in_channels"])
-    classifier_keys = [k for k in classifier_and_diffusion_defaults() if k not in diffusion_defaults()]
-    torch.manual_seed(args.seed)
-    model = create_classifier(**{k: config[k] for k in classifier_keys})
-    diffusion = diffusion_from_config(config)  # the full chain: classifier_config clears the respacing
-    sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion, args.max_noise_level)
-    resolve_amp(args.amp, config["classifier_use_fp16"], dist_util.dev())
+            val_dataset = SliceDataset(args.src_dir, split=args.val_split, image_size=config["image_size"],
+                                       in_channels=config["in_channels"])
+        classifier_keys = [k for k in classifier_and_diffusion_defaults() if k not in diffusion_defaults()]
+        torch.manual_seed(args.seed)
+        model = create_classifier(**{k: config[k] for k in classifier_keys})
+        diffusion = diffusion_from_config(config)  # the full chain: classifier_config clears the respacing
+        sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion, args.max_noise_level)
+        resolve_amp(args.amp, config["classifier_use_fp16"], dist_util.dev())
 
-    def make_loop():
-        return ClassifierTrainLoop(
-            model=model, diffusion=diffusion, data=data, noised=args.noised, schedule_sampler=sampler,
-            val_dataset=val_dataset, eval_interval=args.eval_interval, val_max_images=args.val_max_images,
-            max_noise_level=args.max_noise_level,
-            batch_size=args.batch_size, microbatch=args.microbatch, lr=args.lr, ema_rate=args.ema_rate,
-            log_interval=args.log_interval, save_interval=args.save_interval, resume_checkpoint=resume_path or "",
-            save_dir=args.save_dir, use_fp16=config["classifier_use_fp16"], amp=args.amp,
-            initial_lg_loss_scale=16.0, weight_decay=args.weight_decay,
-            lr_anneal_steps=args.max_steps if args.anneal_lr else 0, max_steps=args.max_steps, seed=args.seed,
-            channels_last=args.channels_last,
-        )
+        def make_loop():
+            return ClassifierTrainLoop(
+                model=model, diffusion=diffusion, data=data, noised=args.noised, schedule_sampler=sampler,
+                val_dataset=val_dataset, eval_interval=args.eval_interval, val_max_images=args.val_max_images,
+                max_noise_level=args.max_noise_level,
+                batch_size=args.batch_size, microbatch=args.microbatch, lr=args.lr, ema_rate=args.ema_rate,
+                log_interval=args.log_interval, save_interval=args.save_interval, resume_checkpoint=resume_path or "",
+                save_dir=args.save_dir, use_fp16=config["classifier_use_fp16"], amp=args.amp,
+                initial_lg_loss_scale=16.0, weight_decay=args.weight_decay,
+                lr_anneal_steps=args.max_steps if args.anneal_lr else 0, max_steps=args.max_steps, seed=args.seed,
+                channels_last=args.channels_last,
+            )
 
-    saved = {**config, **_train_flags(args, {**classifier_train_defaults(), **overrides})}
-    return _train(args, saved, make_loop, f"training a {config['model_type']} classifier on {args.src_dir} "
-                                          f"with {dist_util.get_world_size()} process(es)")
+        saved = {**config, **_train_flags(args, {**classifier_train_defaults(), **overrides})}
+        return _train(args, saved, make_loop, f"training a {config['model_type']} classifier on {args.src_dir} "
+                                              f"with {dist_util.get_world_size()} process(es)")
