@@ -208,3 +208,59 @@ def test_freed_memory_is_kept_for_reuse_after_the_switch():
     assert applied == again == "True"
     assert float(released_before) > 60  # glibc unmaps a freed 64 MiB block ...
     assert abs(float(released_after)) < 4  # ... and keeps it once the switch is on
+
+
+# ---------------------------------------------------------------------------------------------
+# scripts/check_gpu.py
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHECK_GPU = os.path.join(REPO, "scripts", "check_gpu.py")
+
+
+def test_map_agreement_of_equal_opposite_and_perturbed_maps():
+    from guided_diffusion.precision_check import map_agreement
+
+    maps = np.zeros((2, 8, 8), np.float32)
+    maps[:, 2:5, 3:6] = 1.0
+    maps += np.random.default_rng(0).normal(0, 0.05, maps.shape).astype(np.float32)
+    assert map_agreement(maps, maps) == (1.0, 0.0, 1.0)
+    correlation, difference, mask_dice = map_agreement(-maps, maps)
+    assert correlation == pytest.approx(-1.0) and difference == pytest.approx(2.0) and mask_dice < 0.2
+    shifted = maps + np.float32(0.01)
+    correlation, difference, mask_dice = map_agreement(shifted, maps)
+    assert correlation == pytest.approx(1.0) and difference == pytest.approx(0.01 / np.abs(maps).max(), rel=1e-3)
+
+
+def test_check_gpu_on_tiny_networks_reports_every_precision_and_fails_outside_the_tolerances(tmp_path, monkeypatch,
+                                                                                          capsys):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, CHECK_GPU, "--tiny", "--images", "2", "--steps", "2", "--train_steps", "2",
+                             "--json", str(tmp_path / "check.json")], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    import json
+
+    with open(tmp_path / "check.json") as f:
+        rows = json.load(f)["rows"]
+    by_name = {(r["precision"], r["what"]): r for r in rows}
+    assert by_name[("fp32", "cg-cdm maps")]["correlation"] == 1.0  # the reference itself
+    bf16 = by_name[("bf16", "cg-cdm maps")]
+    assert 0.97 <= bf16["correlation"] < 1.0 and 0 < bf16["max_difference"] and bf16["mask_dice"] >= 0.85
+    assert 0 < by_name[("bf16", "training (2 steps)")]["loss_difference"] < 0.05
+    assert by_name[("fp16", "training")]["note"].startswith("skipped")  # no CUDA here
+    assert all(r["passed"] for r in rows) and "bf16" in result.stdout and "FAIL" not in result.stdout
+
+    # The same check with a bf16 tolerance nothing reaches: exit status 1 and the row marked.
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    try:
+        import check_gpu
+    finally:
+        sys.path.pop(0)
+    from guided_diffusion import precision_check
+
+    monkeypatch.setitem(precision_check.TOLERANCES, "bf16", {**precision_check.TOLERANCES["bf16"], "correlation": 1.01})
+    with pytest.raises(SystemExit) as exit_info:
+        check_gpu.main(["--tiny", "--images", "2", "--steps", "1", "--train_steps", "1", "--precisions", "fp32,bf16"])
+    assert exit_info.value.code == 1
+    out = capsys.readouterr().out
+    assert out.count("FAIL") == 2  # the bf16 CDM and CG-CDM maps
