@@ -308,3 +308,14 @@ def test_every_slice_with_detection_scores_healthy_slices_too(setup, tmp_path):
     assert summary["n_segmented"] == 0 and summary["detection"]["sensitivity"] == 0
     assert not np.load(nothing / "saliency.npz")["maps"].any()
     assert summary["variants"]["tau_0.95"]["otsu"]["dice_mean"] == 0.0  # a missed tumour slice counts 0
+
+
+def test_bf16_autocast_maps_follow_the_fp32_maps(setup, tmp_path):
+    flags = ("--method", "cg-cdm", "--classifier_path", setup["classifier"], "--tau", "0")
+    fp32 = np.load(run(setup, tmp_path / "fp32", *flags) / "saliency.npz")["maps"]
+    bf16_out = run(setup, tmp_path / "bf16", *flags, "--precision", "bf16")
+    bf16 = np.load(bf16_out / "saliency.npz")["maps"]
+    assert json.loads((bf16_out / "summary.json").read_text())["settings"]["precision"] == "bf16"
+    assert not np.array_equal(fp32, bf16)  # autocast did run in bfloat16
+    for a, b in zip(fp32, bf16):
+        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.95

@@ -30,6 +30,7 @@ from ..checkpoint_util import check_same_diffusion, load_classifier, load_model_
 from ..cli import ArgumentParser, UserError, add_flags, explicit_flags, require_dir
 from ..datasets import check_fold_size
 from ..implicit_inputs import checkpoint_from_dir, original_data_dir
+from ..inference import add_inference_flags, prepare_for_inference
 from ..script_util import FLAG_ALIASES, FLAG_HELP, classifier_defaults, diffusion_from_config, model_and_diffusion_defaults
 from .cam import gap_linear_head
 from .methods import METHODS, SaliencySettings, check_steps_fit, create_method, tau_variant
@@ -113,6 +114,7 @@ def create_argparser():
     )
     add_flags(parser, {**segmentation_defaults(), "guided": False}, help=HELP, aliases={"fold": ["-f"]},
               switches=("guided",), choices={"slices": ("tumor", "all")})
+    add_inference_flags(parser)
     checked = parser.add_argument_group(
         "checkpoint configuration", "Read from args.json beside each checkpoint; typing one only checks that it agrees.")
     flags = dict(model_and_diffusion_defaults())
@@ -246,7 +248,8 @@ class SegmentationRun:
     def summary_settings(self, args, **extra):
         """The settings summary.json records."""
         values = {"model_path": args.model_path, "classifier_path": self.classifier_path, "seed": args.seed,
-                  "noise_draws": args.noise_draws, "world_size": dist_util.get_world_size(), **extra}
+                  "noise_draws": args.noise_draws, "precision": args.precision, "compile": args.compile,
+                  "world_size": dist_util.get_world_size(), **extra}
         if METHODS[args.method].uses_ddpm:
             values.update(noise_level=args.noise_level, steps=args.steps, stride=args.stride,
                           classifier_scale=args.classifier_scale if self.classifier_path else 0.0,
@@ -284,6 +287,9 @@ def prepare_run(args, explicit, checked, *, detect, log=print):
     if applied:
         log(f"--settings {args.settings} ({args.choice}): " +
             ", ".join(f"{k} {v}" for k, v in applied["applied"].items()))
+    if model is not None:  # a CAM method hooks the raw classifier's layers, so only the diffusion methods change
+        setup = prepare_for_inference(model, classifier, precision=args.precision, compile=args.compile, device=device)
+        model, classifier = setup.model, setup.classifier
     torch.manual_seed(args.seed)
     method = create_method(args.method, settings, model=model, diffusion=diffusion, classifier=classifier)
     pipeline = Pipeline(method, seed=args.seed, noise_draws=args.noise_draws, detector=detector,

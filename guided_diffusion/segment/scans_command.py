@@ -24,6 +24,7 @@ import time
 from .. import dist_util
 from ..checkpoint_util import read_args_json
 from ..cli import ArgumentParser, UserError, add_flags, atomic_directory, explicit_flags
+from ..inference import add_inference_flags
 from ..volumes import parse_modalities
 from ..script_util import FLAG_ALIASES, FLAG_HELP, classifier_defaults, model_and_diffusion_defaults
 from .command import HELP, check_flags, prepare_run, segmentation_defaults
@@ -58,6 +59,7 @@ def create_argparser():
     defaults.update(out_dir="runs/segment_scans", dataset_json="", modality="", reference="", keep_largest=False,
                     overview_slices=6)
     add_flags(parser, defaults, help={**HELP, **SCAN_HELP})
+    add_inference_flags(parser)
     checked = parser.add_argument_group(
         "checkpoint configuration", "Read from args.json beside each checkpoint; typing one only checks that it agrees.")
     flags = dict(model_and_diffusion_defaults())
