@@ -9,7 +9,9 @@ written out instead of the fused scaled_dot_product_attention), `compile` (torch
 Throughput: all variants of a configuration live in one process and are timed in turns
 (round-robin, best round reported), so that load from other programs hits them alike. Peak
 memory (GPU: max allocated; CPU: peak resident set) is measured for each variant in a fresh
-process, so that it is its own. Example:
+process, so that it is its own. Each configuration's UNet forward pass (eval, no autograd, the
+training batch) is also given in GFLOP/s, its FLOPs counted by torch.utils.flop_counter, beside a
+2048 x 2048 float32 matrix product measured in the same run. Example:
 
     python scripts/bench_train.py --configs demo,brats --steps 5 --repeats 3
 """
@@ -85,6 +87,30 @@ class Variant:
             unet_blocks._attention = fused
 
 
+def forward_rate(config_name, repeats):
+    """(GFLOP of one forward pass of the configuration's batch, seconds of it, best of `repeats`)."""
+    import torch
+
+    from guided_diffusion.benchmarks import count_flops, timed
+    from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+
+    spec = CONFIGS[config_name]
+    config = {**model_and_diffusion_defaults(), **spec["model"]}
+    torch.manual_seed(0)
+    model, diffusion = create_model_and_diffusion(**config)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    batch, size = spec["batch_size"], config["image_size"]
+    x = torch.randn(batch, config["in_channels"], size, size, device=device)
+    t = torch.randint(0, diffusion.num_timesteps, (batch,), device=device)
+    y = torch.arange(batch, device=device) % 2
+    with torch.no_grad():
+        flops, _ = count_flops(lambda: model(x, t, y=y))
+        timed(lambda: model(x, t, y=y), device)
+        seconds = min(timed(lambda: model(x, t, y=y), device)[0] for _ in range(repeats))
+    return flops / 1e9, seconds
+
+
 def peak_memory(config_name, variant, threads, queue):
     """In a fresh process: MiB at the peak of two training steps of one variant."""
     import torch
@@ -139,7 +165,11 @@ def main():
           f"after {args.warmup} warm-up, variants in turns")
     memory = "peak GPU MiB" if cuda else "peak RSS MiB"
     print(f"{'config':<7} {'size':>4} {'batch':>5}  {'variant':<19} {'images/s':>9} {'vs default':>10} {memory:>13}")
+    from guided_diffusion.benchmarks import matmul_flops_per_second
+
+    matmul = matmul_flops_per_second(torch.device("cuda" if cuda else "cpu")) / 1e9
     context = multiprocessing.get_context("spawn")
+    forward_lines = []
     with tempfile.TemporaryDirectory() as tmp:
         logger.configure(tmp, format_strs=[])
         for config_name in [c for c in args.configs.split(",") if c]:
@@ -164,6 +194,13 @@ def main():
                 rate = args.steps * batch / best[v]
                 print(f"{config_name:<7} {size:>4} {batch:>5}  {v:<19} {rate:>9.2f} {rate / baseline:>9.2f}x "
                       f"{peak:>13.0f}", flush=True)
+            gflop, seconds = forward_rate(config_name, args.repeats)
+            forward_lines.append(f"{config_name:<7} {size:>4} {batch:>5}  UNet forward {gflop:.1f} GFLOP in "
+                                 f"{seconds:.3f} s: {gflop / seconds:.0f} GFLOP/s = {gflop / seconds / matmul:.0%} "
+                                 f"of the matmul's")
+    print(f"forward passes (eval, no autograd); 2048 x 2048 float32 matmul: {matmul:.0f} GFLOP/s")
+    for line in forward_lines:
+        print(line)
 
 
 if __name__ == "__main__":
