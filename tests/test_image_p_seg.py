@@ -319,3 +319,30 @@ def test_bf16_autocast_maps_follow_the_fp32_maps(setup, tmp_path):
     assert not np.array_equal(fp32, bf16)  # autocast did run in bfloat16
     for a, b in zip(fp32, bf16):
         assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.95
+
+
+def test_relative_manifests_survive_moving_the_dataset(setup, tmp_path):
+    from guided_diffusion.volumes import read_manifest
+
+    first = tmp_path / "first"
+    cases = [write_subject(str(first / "raw"), f"S{i}", i) for i in range(3)]
+    export_slice_dataset(cases, str(first / "slices"), SliceOptions(image_size=32, min_lesion_pixels=4),
+                         input_dir=str(first / "raw"), val_fraction=0.34, seed=0)
+    stored = read_csv(first / "slices" / "manifest.csv")
+    assert all(not os.path.isabs(r["source"]) and r["source"].startswith("S") for r in stored)
+    moved = tmp_path / "moved"
+    shutil.move(str(first), str(moved))  # workstation to cluster: the old place is gone
+    flags = ("--src_dir", str(moved / "slices"), "--volumes", "True", "--steps", "1")
+    out = tmp_path / "together"
+    image_p_seg.main(["--model_path", setup["model"], "--out_dir", str(out), *flags])
+    assert len(read_csv(out / "volumes.csv")) == 1
+    assert read_manifest(str(moved / "slices"))[0]["source"].startswith(str(moved / "raw"))
+    elsewhere = tmp_path / "scratch" / "brats"
+    shutil.move(str(moved / "raw"), str(elsewhere))
+    with pytest.raises(UserError, match="pass --raw_dir"):
+        image_p_seg.main(["--model_path", setup["model"], "--out_dir", str(tmp_path / "lost"), *flags])
+    assert not (tmp_path / "lost").exists()
+    image_p_seg.main(["--model_path", setup["model"], "--out_dir", str(tmp_path / "found"), *flags,
+                      "--raw_dir", str(elsewhere)])
+    subject = read_csv(tmp_path / "found" / "volumes.csv")[0]["subject"]
+    assert nib.load(tmp_path / "found" / "volumes" / f"{subject}_pred.nii.gz").shape == (24, 24, 8)

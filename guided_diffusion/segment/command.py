@@ -31,6 +31,7 @@ from ..cli import ArgumentParser, UserError, add_flags, explicit_flags, require_
 from ..datasets import check_fold_size
 from ..implicit_inputs import checkpoint_from_dir, original_data_dir
 from ..inference import add_inference_flags, prepare_for_inference
+from ..run_lock import folder_lock
 from ..script_util import FLAG_ALIASES, FLAG_HELP, classifier_defaults, diffusion_from_config, model_and_diffusion_defaults
 from .cam import gap_linear_head
 from .methods import METHODS, SaliencySettings, check_steps_fit, create_method, tau_variant
@@ -340,7 +341,7 @@ def main(argv=None):
                          shape=(config["image_size"],) * 2, options=run.options, grid_images=args.grid_images)
     main_process = dist_util.is_main_process()
     try:
-        with report if main_process else contextlib.nullcontext():
+        with folder_lock(out_dir, "--out_dir"), report if main_process else contextlib.nullcontext():
             for result in run.pipeline.run(batches):
                 report.add(result)
             if main_process:

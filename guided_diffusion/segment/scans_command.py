@@ -25,6 +25,7 @@ from .. import dist_util
 from ..checkpoint_util import read_args_json
 from ..cli import ArgumentParser, UserError, add_flags, atomic_directory, explicit_flags
 from ..inference import add_inference_flags
+from ..run_lock import folder_lock
 from ..volumes import parse_modalities
 from ..script_util import FLAG_ALIASES, FLAG_HELP, classifier_defaults, model_and_diffusion_defaults
 from .command import HELP, check_flags, prepare_run, segmentation_defaults
@@ -140,7 +141,8 @@ def main(argv=None):
         f"{options.image_size} px, channels {', '.join(modalities)}); detection threshold {run.threshold:.3g}")
     rows, slice_records = [], []
     try:
-        with atomic_directory(args.out_dir) if main_process else contextlib.nullcontext() as folder:
+        with folder_lock(args.out_dir, "--out_dir"), \
+                atomic_directory(args.out_dir) if main_process else contextlib.nullcontext() as folder:
             writer = ScanWriter(folder, run.options, keep_largest=args.keep_largest,
                                 overview_slices=args.overview_slices)
             for scan in scans:
