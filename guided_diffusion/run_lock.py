@@ -55,8 +55,9 @@ class FolderInUse(UserError):
 
 
 def lock_file_of(folder):
-    """The lock file of `folder`: `.NAME.lock` beside it."""
-    folder = os.path.abspath(os.fspath(folder))
+    """The lock file of `folder`: `.NAME.lock` beside it (beside the real folder, so that every spelling
+    of it, through symbolic links too, meets the same lock)."""
+    folder = os.path.realpath(os.fspath(folder))
     return os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.lock")
 
 
@@ -195,8 +196,7 @@ class _Lock:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
-                holder = self._read_holder()
-                if holder is None or not self._stale(holder):
+                if not self._stale(self._read_holder()):
                     raise self._in_use() from None
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(self.path)
@@ -208,7 +208,8 @@ class _Lock:
         raise self._in_use()
 
     def _stale(self, holder):
-        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+        """Whether the lock file of `holder` (None: unreadable) is left over from a run that is gone."""
+        if holder and holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
             return not _alive(holder["pid"], holder.get("process_start"))
         try:
             return time.time() - os.stat(self.path).st_mtime > STALE_AFTER_S

@@ -147,7 +147,8 @@ def test_a_lock_without_flock_is_a_file_with_a_stale_rule(tmp_path, monkeypatch)
     lock_file = Path(run_lock.lock_file_of(folder))
     with run_lock.folder_lock(folder, "--out_dir"):
         assert lock_file.is_file()
-        with pytest.raises(run_lock.FolderInUse, match=f"--out_dir {folder} is in use by another run: PID {os.getpid()}"):
+        in_use = f"--out_dir {folder} is in use by another run: PID {os.getpid()}"
+        with pytest.raises(run_lock.FolderInUse, match=in_use):
             with run_lock.folder_lock(folder, "--out_dir"):
                 pass
     assert not lock_file.exists()
@@ -298,15 +299,26 @@ def test_a_broken_newest_checkpoint_is_skipped_by_auto_and_refused_by_name(runs,
     status, err = run_cli(flags(runs["data"], run, "--max_steps", "6", "--resume_checkpoint", "auto"), capsys)
     assert status == 0, err
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and f"skipping the broken checkpoint {run / 'model000004.pt'}: {path}" in warnings[0]
+    assert len(warnings) == 1 and f"skipping the broken checkpoint of step 4 ({path}: not a readable" in warnings[0]
     assert "Traceback" not in err
-    aside = [n for n in step_file_names(4)[:-1]] + (["checkpoint000004.json"] if with_record else [])
-    for name in aside:
-        assert (run / (name + ".broken")).read_bytes() == b"" if name == broken and damage == "emptied" \
-            else (run / (name + ".broken")).is_file()
+    aside = [name + ".broken" for name in step_file_names(4)[:-1] + (["checkpoint000004.json"] if with_record else [])]
+    assert warnings[0].endswith(f"its files are kept as {', '.join(aside)}")
+    assert all((run / name).is_file() for name in aside)
+    assert (run / (broken + ".broken")).stat().st_size == before[broken][0]  # kept as it was
     assert f"resuming from {run / 'model000002.pt'} at step 2" in (run / "log.txt").read_text()
     assert_same_checkpoint(run, runs["straight"], 6)
     assert_loads(run, 6)
+
+
+def test_auto_does_not_start_over_beside_checkpoints_it_cannot_use(tmp_path):
+    """A model file without its record, optimizer or EMA files (another --ema_rate?): starting from step 0
+    would overwrite that run's checkpoints, so it is an error, and nothing is renamed."""
+    torch.save({"w": torch.zeros(2)}, tmp_path / "model000002.pt")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "ema_0.9999_000002.pt")
+    (tmp_path / "opt000002.pt").write_bytes((tmp_path / "model000002.pt").read_bytes())
+    with pytest.raises(checkpoints.UserError, match="holds model000002.pt but no complete checkpoint .*--ema_rate"):
+        checkpoints.resolve_resume_checkpoint("auto", str(tmp_path), [0.99])
+    assert sorted(os.listdir(tmp_path)) == ["ema_0.9999_000002.pt", "model000002.pt", "opt000002.pt"]
 
 
 def test_an_old_optimizer_file_with_numpy_arrays_and_no_record_still_resumes(tmp_path):

@@ -27,6 +27,7 @@ import pickle
 import pickletools
 import re
 import sys
+import warnings
 import zipfile
 
 import numpy as np
@@ -122,7 +123,7 @@ def save_checkpoint(save_dir, step, model, ema_rates, ema_params, opt_state):
     folder holds complete checkpoints only (files of the step that were there before are kept).
     """
     files = checkpoint_files(save_dir, step, ema_rates)
-    contents = [(files["ema"][rate], params_to_state_dict(model, params)) for rate, params in zip(ema_rates, ema_params)]
+    contents = [(files["ema"][rate], params_to_state_dict(model, ema)) for rate, ema in zip(ema_rates, ema_params)]
     contents += [(files["opt"], opt_state), (files["model"], params_to_state_dict(model, model.parameters()))]
     new = [path for path in [p for p, _ in contents] + [files["record"]] if not os.path.exists(path)]
     try:
@@ -224,7 +225,7 @@ def _refuse_code(path):
 
 def set_aside(model_path, ema_rates):
     """Rename the files of a broken checkpoint to `NAME.broken` (`.broken2`, ... if taken); returns the
-    new name of the model file."""
+    new names."""
     files = _files_of(model_path, ema_rates)
     listed = []
     if os.path.isfile(files["record"]):
@@ -242,7 +243,7 @@ def set_aside(model_path, ema_rates):
                 target = f"{path}{BROKEN_SUFFIX}{n}"
             os.rename(path, target)
             renamed[path] = target
-    return renamed.get(model_path, model_path + BROKEN_SUFFIX)
+    return list(renamed.values())
 
 
 def resolve_resume_checkpoint(resume_checkpoint, save_dir, ema_rates, warn=None):
@@ -282,9 +283,9 @@ def _newest_complete(save_dir, ema_rates, warn):
         problem = checkpoint_problem(path, ema_rates)
         if problem is None:
             return path
-        aside = set_aside(path, ema_rates)
-        warn(f"warning: --resume_checkpoint auto: skipping the broken checkpoint {path}: {problem}; its files "
-             f"are kept, renamed to {os.path.basename(aside)} and the like")
+        aside = ", ".join(os.path.basename(p) for p in set_aside(path, ema_rates))
+        warn(f"warning: --resume_checkpoint auto: skipping the broken checkpoint of step {parse_step(path)} "
+             f"({problem}); its files are kept as {aside}")
     incomplete = step_files(save_dir, "model")
     if incomplete:
         files = _files_of(incomplete[-1], ema_rates)
@@ -323,7 +324,9 @@ def read_checkpoint(path, flag, shared=True):
     if not os.path.isfile(path):
         raise UnreadableCheckpoint(f"{where}: no such checkpoint file")
     try:
-        with torch.serialization.safe_globals(_numpy_arrays()):
+        with torch.serialization.safe_globals(_numpy_arrays()), warnings.catch_warnings():
+            # A pickle not written by torch.save (refused or unreadable below) need not warn as well.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             if shared:
                 return dist_util.load_state_dict(path, map_location="cpu", weights_only=True)
             return torch.load(path, map_location="cpu", weights_only=True)
