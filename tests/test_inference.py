@@ -21,7 +21,7 @@ T = 200
 
 def random_unet(size=16):
     config = model_and_diffusion_defaults()
-    config.update(image_size=size, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
+    config.update(image_size=size, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions=str(size // 2),
                   diffusion_steps=T, class_cond=True)
     model, diffusion = create_model_and_diffusion(**config)
     generator = torch.Generator().manual_seed(3)
@@ -35,7 +35,7 @@ def random_unet(size=16):
 def random_classifier(size=16, num_classes=2):
     torch.manual_seed(5)
     classifier = create_classifier(size, num_classes=num_classes, classifier_width=32, classifier_depth=1,
-                                   classifier_attention_resolutions="8", classifier_channel_mult="1,2",
+                                   classifier_attention_resolutions=str(size // 2), classifier_channel_mult="1,2",
                                    classifier_num_head_channels=32)
     with torch.no_grad():
         for p in classifier.parameters():
@@ -264,3 +264,42 @@ def test_check_gpu_on_tiny_networks_reports_every_precision_and_fails_outside_th
     assert exit_info.value.code == 1
     out = capsys.readouterr().out
     assert out.count("FAIL") == 2  # the bf16 CDM and CG-CDM maps
+
+
+HEAP_GROWTH_SCRIPT = """
+import sys
+import torch
+sys.path.insert(0, {tests!r})
+from test_inference import random_classifier, random_unet, images
+from guided_diffusion.guidance import make_classifier_cond_fn
+from guided_diffusion.inference import prepare_for_inference
+from guided_diffusion.segment.saliency import cdm_saliency
+
+def resident_mib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+model, diffusion = random_unet(32)
+setup = prepare_for_inference(model, random_classifier(32), device="cpu")
+cond_fn = make_classifier_cond_fn(setup.classifier, 10.0)
+resident = []
+for batch in (12, 7, 12, 7, 12, 7, 12, 7):  # a last, smaller batch as a data set's end gives
+    x0, noise = images(batch, size=32)
+    cdm_saliency(setup.model, diffusion, x0, torch.ones(batch, dtype=torch.long), noise_level=30, steps=3, tau=0.0,
+                 cond_fn=cond_fn, noise=noise)
+    resident.append(resident_mib())
+print(setup.reuses_cpu_memory, *resident)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_kept_freed_memory_does_not_grow_over_repeated_batches():
+    script = HEAP_GROWTH_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert result.returncode == 0, result.stderr
+    applied, *resident = result.stdout.split()
+    resident = [float(r) for r in resident]
+    assert applied == "True"
+    # The peak is reached in the first rounds; afterwards freed blocks are reused, not added to.
+    assert max(resident[4:]) - max(resident[:4]) < 2.0, resident
