@@ -235,7 +235,8 @@ def test_an_earlier_output_folder_survives_a_failed_run(setup, tmp_path, monkeyp
 def test_mask_options_reach_the_report(setup, tmp_path):
     out = run(setup, tmp_path / "options", "--smooth_sigma", "1", "--foreground_only", "True")
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["mask_options"] == {"smooth_sigma": 1.0, "foreground_only": True, "keep_largest": False}
+    assert summary["mask_options"] == {"smooth_sigma": 1.0, "foreground_only": True, "keep_largest": False,
+                                       "positive_part": False}
     assert 0 <= summary["variants"]["tau_0.95"]["map_separability"] <= 1
     with pytest.raises(UserError, match="--smooth_sigma"):
         run(setup, tmp_path / "bad", "--smooth_sigma", "-1")

@@ -126,3 +126,18 @@ def test_saliency_to_mask_and_torch_input():
     planted = planted_big | planted_small
     np.testing.assert_array_equal(mask[0, 0], planted)
     np.testing.assert_array_equal(postprocess.saliency_to_mask(saliency, keep_largest=True), planted_big)
+
+
+def test_the_positive_part_ignores_a_strong_negative_rim():
+    # a lesion (+1) inside a stronger negative rim (-3) on a flat brain: the signed map's Otsu split
+    # separates the rim from everything else, the positive part separates the lesion
+    saliency = np.zeros((1, 24, 24))
+    yy, xx = np.mgrid[:24, :24]
+    distance = np.hypot(yy - 12, xx - 12)
+    saliency[0][(distance >= 4) & (distance < 6)] = -3.0
+    lesion = distance < 3
+    saliency[0][lesion] = 1.0
+    signed = postprocess.saliency_to_mask(saliency)
+    positive = postprocess.saliency_to_mask(saliency, options=postprocess.MaskOptions(positive_part=True))
+    assert signed[0].sum() > 400  # "everything but the rim"
+    np.testing.assert_array_equal(positive[0], lesion)

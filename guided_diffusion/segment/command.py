@@ -49,7 +49,7 @@ def segmentation_defaults():
         model_path="", src_dir="", save_dir="", out_dir="", classifier_path="", method="cdm",
         split="validation", fold=0, num_folds=1, fold_size=0, batch_size=8, max_images=0,
         noise_level=0.1, steps=10, stride=1, tau="0.95", classifier_scale=10.0, healthy_label=0,
-        clip_denoised=True, abs_map=False, smooth_sigma=0.0, foreground_only=False,
+        clip_denoised=True, abs_map=False, smooth_sigma=0.0, foreground_only=False, positive_part=False,
         seed=0, grid_images=8, volumes=False, raw_dir="", slices="tumor", detect_threshold=-1.0,
         detector_path="", noise_draws=1, settings="", choice="mask_tuned",
     )
@@ -99,6 +99,8 @@ HELP = {
     "abs_map": "sum |a| over channels instead of the signed a; the signed map (paper) marks lesions the tumour "
                "label makes brighter, |a| also darker ones (modalities where lesions are dark)",
     "smooth_sigma": "Gaussian blur of the map in pixels before Otsu (0: none, the paper)",
+    "positive_part": "threshold only the positive part of the map, max(a, 0): what the tumour label raises "
+                     "(the signed map's negative rim around a lesion can otherwise pull Otsu's split)",
     "foreground_only": "compute Otsu's threshold over the foreground (brain) pixels only and keep the mask there",
     "seed": "seed of the noise draw (each image's noise depends only on the seed and the image's name)",
     "grid_images": "images shown in grid.png (0: no grid)",
@@ -175,7 +177,8 @@ def build_settings(args):
     except ValueError as err:
         raise _flag_error("--" + str(err).split()[0].replace("taus", "tau"), err)
     try:
-        options = MaskOptions(smooth_sigma=args.smooth_sigma, foreground_only=args.foreground_only)
+        options = MaskOptions(smooth_sigma=args.smooth_sigma, foreground_only=args.foreground_only,
+                              positive_part=args.positive_part, keep_largest=getattr(args, "keep_largest", False))
     except ValueError as err:
         raise _flag_error("--smooth_sigma", err)
     return settings, options

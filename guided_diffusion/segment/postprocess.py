@@ -4,6 +4,9 @@ The paper's rule (the default) is per-image min-max normalisation and Otsu's thr
 whole image. `MaskOptions` adds what the field commonly does on top, each chosen on the training
 split, never on the evaluation masks:
 
+- `positive_part`: only the positive part of the (signed) map, max(a, 0): what the tumour label
+  raises. The signed CDM map also has a negative rim around a lesion; when that rim is the map's
+  strongest feature, Otsu splits "rim" from "everything else" and the mask covers the whole brain;
 - `smooth_sigma`: a light Gaussian blur of the map (in pixels) before thresholding, against the
   speckle of a map summed from a few denoising steps;
 - `foreground_only`: Otsu's threshold computed over the foreground (the brain: pixels brighter than
@@ -20,7 +23,7 @@ unchanged), but the threshold it returns is then the edge between the two classe
 of the last lower bin, so `image >= threshold` keeps exactly the classes Otsu scored.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from scipy import ndimage
@@ -34,6 +37,7 @@ class MaskOptions:
     smooth_sigma: float = 0.0
     foreground_only: bool = False
     keep_largest: bool = False
+    positive_part: bool = False
 
     def __post_init__(self):
         if not self.smooth_sigma >= 0:
@@ -135,13 +139,21 @@ def smooth_maps(saliency, sigma):
     return ndimage.gaussian_filter(stack.astype(np.float64), sigma=(0, sigma, sigma)).reshape(shape)
 
 
-def otsu_separability(saliency, region=None, smooth_sigma=0.0):
+def prepare_map(saliency, options):
+    """The map Otsu sees before min-max: its positive part (`options.positive_part`), then smoothed."""
+    if options.positive_part:
+        saliency = np.maximum(_as_array(saliency), 0)
+    return smooth_maps(saliency, options.smooth_sigma)
+
+
+def otsu_separability(saliency, region=None, smooth_sigma=0.0, positive_part=False):
     """Per image, Otsu's effectiveness: between-class over total variance at Otsu's threshold, in [0, 1].
 
     Needs no mask: a map that sets a lesion clearly apart from the rest scores near 1, a diffuse or
     speckled one near 0. With `region` only its pixels count. Constant images score 0.
     """
-    stack, _ = as_image_stack(normalize_map(smooth_maps(saliency, smooth_sigma)), "saliency")
+    prepared = prepare_map(saliency, MaskOptions(smooth_sigma=smooth_sigma, positive_part=positive_part))
+    stack, _ = as_image_stack(normalize_map(prepared), "saliency")
     if region is not None:
         region = as_image_stack(region, "region")[0].astype(bool)
     scores = np.zeros(len(stack))
@@ -157,7 +169,7 @@ def otsu_separability(saliency, region=None, smooth_sigma=0.0):
 
 
 def saliency_to_mask(saliency, keep_largest=False, options=None, images=None):
-    """Masks from maps: smoothing, min-max, Otsu (over the foreground of `images`), largest component.
+    """Masks from maps: positive part, smoothing, min-max, Otsu (over the foreground of `images`), largest component.
 
     `options` (a MaskOptions) takes precedence over `keep_largest`; `foreground_only` needs `images`.
     """
@@ -167,5 +179,5 @@ def saliency_to_mask(saliency, keep_largest=False, options=None, images=None):
         if images is None:
             raise ValueError("foreground_only needs the images the maps were computed from")
         region = foreground_mask(images)
-    mask = otsu_mask(normalize_map(smooth_maps(saliency, options.smooth_sigma)), region)
+    mask = otsu_mask(normalize_map(prepare_map(saliency, options)), region)
     return largest_component(mask) if options.keep_largest else mask

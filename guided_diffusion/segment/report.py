@@ -21,6 +21,7 @@ import json
 import math
 import os
 import zipfile
+from dataclasses import replace
 
 import numpy as np
 
@@ -35,16 +36,14 @@ METRIC_COLUMNS = ("dice", "iou", "hd95", "hd95_seed", "surface_dice", "pred_pixe
 
 def masks_of(maps, images, options=MaskOptions()):
     """{"otsu": masks, "largest_component": masks} of one variant's maps (an all-zero map gives an empty mask)."""
-    return {key: saliency_to_mask(maps, options=MaskOptions(smooth_sigma=options.smooth_sigma,
-                                                             foreground_only=options.foreground_only,
-                                                             keep_largest=keep), images=images)
+    return {key: saliency_to_mask(maps, options=replace(options, keep_largest=keep), images=images)
             for key, keep, _ in MASK_KINDS}
 
 
 def separability(maps, images, options):
     """Per-image label-free map separability (see `postprocess.otsu_separability`)."""
     region = foreground_mask(images) if options.foreground_only else None
-    return otsu_separability(maps, region, options.smooth_sigma)
+    return otsu_separability(maps, region, options.smooth_sigma, options.positive_part)
 
 
 def variant_summary(maps, gts, images, options=MaskOptions()):

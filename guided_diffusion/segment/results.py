@@ -27,7 +27,8 @@ def _point_flags(point):
 
 
 def _mask_flags(options):
-    return ["--smooth_sigma", str(options["smooth_sigma"]), "--foreground_only", str(options["foreground_only"])]
+    return ["--smooth_sigma", str(options["smooth_sigma"]), "--foreground_only", str(options["foreground_only"]),
+            "--positive_part", str(options.get("positive_part", False))]
 
 
 def row_specs(selection, ddpm, classifier, cam_classifier, fast_stride=40):
@@ -41,7 +42,7 @@ def row_specs(selection, ddpm, classifier, cam_classifier, fast_stride=40):
                    ["--method", "cg-cdm", *diffusion, *_point_flags(tuned)], None),
         "cg-cdm-default-mask": ("CG-CDM, same settings, paper's min-max + Otsu", "cg-cdm",
                                 ["--method", "cg-cdm", *diffusion, *_point_flags(tuned)],
-                                {"smooth_sigma": 0.0, "foreground_only": False}),
+                                {"smooth_sigma": 0.0, "foreground_only": False, "positive_part": False}),
         "cg-cdm-label-free": (f"CG-CDM, chosen without masks ({describe(**_settings(free))})", "cg-cdm",
                               ["--method", "cg-cdm", *diffusion, *_point_flags(free)], free["postprocessing"]),
         "cg-cdm-paper": ("CG-CDM, the paper's settings (Q 0.1 T, R 10, tau 0.95, s 10)", "cg-cdm",

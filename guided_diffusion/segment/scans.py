@@ -24,8 +24,7 @@ from ..metrics import dice_3d, evaluate_masks, hd95_3d, summarize
 from ..volumes import (BRATS_MODALITIES, SliceOptions, cut_box, cut_image, load_canonical, normalise_volume, paste_slices, resize2d,
                        save_like, slice_geometry)
 from .pipeline import ArrayBatches
-from .postprocess import normalize_map
-from .report import masks_of
+from .postprocess import normalize_map, saliency_to_mask
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -197,8 +196,8 @@ def scan_batches(prepared, batch_size):
 class ScanWriter:
     """Pastes one scan's pipeline results back into its grid and writes its files into `folder`."""
 
-    def __init__(self, folder, options, keep_largest=False, overview_slices=6):
-        self.folder, self.options, self.keep_largest = folder, options, keep_largest
+    def __init__(self, folder, options, overview_slices=6):
+        self.folder, self.options = folder, options  # options.keep_largest: the largest component only
         self.overview_slices = overview_slices
 
     def write(self, prepared, results, seconds):
@@ -209,7 +208,7 @@ class ScanWriter:
         segmented = np.concatenate([r.segmented for r in results]) if results else np.zeros(0, bool)
         probability = (np.concatenate([r.tumour_probability for r in results])
                        if results and results[0].tumour_probability is not None else None)
-        masks = masks_of(maps, prepared.images.numpy(), self.options)["largest_component" if self.keep_largest else "otsu"]
+        masks = saliency_to_mask(maps, options=self.options, images=prepared.images.numpy())
         normalised = normalize_map(maps).astype(np.float32) if n else maps
         rows = [{"file": name, "slice_index": z, "x0": prepared.box[0], "x1": prepared.box[1],
                  "y0": prepared.box[2], "y1": prepared.box[3]} for name, z in zip(prepared.names, prepared.z)]

@@ -143,8 +143,7 @@ def main(argv=None):
     try:
         with folder_lock(args.out_dir, "--out_dir"), \
                 atomic_directory(args.out_dir) if main_process else contextlib.nullcontext() as folder:
-            writer = ScanWriter(folder, run.options, keep_largest=args.keep_largest,
-                                overview_slices=args.overview_slices)
+            writer = ScanWriter(folder, run.options, overview_slices=args.overview_slices)
             for scan in scans:
                 began = time.perf_counter()
                 prepared = prepare_scan(scan, options, options.lesion_labels)
@@ -161,7 +160,7 @@ def main(argv=None):
             if main_process:
                 summary = {"method": args.method, "dataset_json": os.path.abspath(dataset_json),
                            "preprocessing": options.__dict__, "modalities": list(modalities),
-                           "keep_largest": args.keep_largest, "mask_options": run.options.as_dict(),
+                           "mask_options": run.options.as_dict(),
                            "settings": run.summary_settings(args, settings_file=run.settings_file),
                            **summarise_scans(rows, slice_records, run.threshold), "scans": rows}
                 fields = list(dict.fromkeys(k for row in rows for k in row))

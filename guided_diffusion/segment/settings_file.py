@@ -14,7 +14,7 @@ import os
 from ..cli import UserError
 
 POINT_FLAGS = ("noise_level", "steps", "tau", "classifier_scale", "noise_draws")
-POSTPROCESSING_FLAGS = ("smooth_sigma", "foreground_only", "keep_largest")
+POSTPROCESSING_FLAGS = ("smooth_sigma", "foreground_only", "keep_largest", "positive_part")
 
 
 def read_selection(path):

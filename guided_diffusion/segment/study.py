@@ -19,7 +19,7 @@ all` and `segment_scans.py` is chosen on the training split's image labels (`det
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..checkpoint_util import load_classifier, load_model_and_diffusion
 from ..cli import atomic_path, atomic_write_text
@@ -38,8 +38,8 @@ PAPER_ABLATION = {
 }
 PAPER_BEST = {"noise_level": 0.1, "steps": 50, "tau": 0.95, "classifier_scale": 100.0}
 
-POSTPROCESSING = [MaskOptions(), MaskOptions(smooth_sigma=1.0), MaskOptions(foreground_only=True),
-                  MaskOptions(smooth_sigma=1.0, foreground_only=True)]
+POSTPROCESSING = [MaskOptions(smooth_sigma=sigma, foreground_only=inside, positive_part=positive)
+                  for positive in (False, True) for inside in (False, True) for sigma in (0.0, 1.0)]
 
 
 @dataclass
@@ -174,8 +174,7 @@ def choose_postprocessing(models, slices, point, *, batch_size=32, seed=0, optio
     for option in options:
         summary = variant_summary(point_maps, slices.masks, slices.images, option)
         for keep, key in ((False, "otsu"), (True, "largest_component")):
-            chosen = MaskOptions(smooth_sigma=option.smooth_sigma, foreground_only=option.foreground_only,
-                                 keep_largest=keep)
+            chosen = replace(option, keep_largest=keep)
             rows.append({**chosen.as_dict(), "dice": summary[key]["dice_mean"]})
             if best is None or rows[-1]["dice"] > best[1]:
                 best = (chosen, rows[-1]["dice"])

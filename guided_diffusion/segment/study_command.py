@@ -28,6 +28,17 @@ def _models_paths(models_dir, names=("ddpm", "classifier", "resnet18")):
     return paths
 
 
+def _read_rows(path):
+    try:
+        with open(path) as f:
+            rows = json.load(f)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--reuse_rows {path}: cannot be read ({err})") from None
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and "dice" in r for r in rows):
+        raise UserError(f"--reuse_rows {path}: not the ablation.json of scripts/ablation.py")
+    return rows
+
+
 def _numbers(text):
     values = tuple(float(v) for v in text.split(",") if v.strip())
     if not values:
@@ -57,6 +68,10 @@ def ablation_main(argv=None):
     parser.add_argument("--max_steps", type=int, default=10,
                         help="the chosen settings use at most this many DDIM steps R: a time budget, since "
                              "segmentation time grows linearly with R (0: no cap) (default: %(default)s)")
+    parser.add_argument("--reuse_rows", default="",
+                        help="ablation.json of an earlier run with the same models, data and --max_images: its "
+                             "rows are taken instead of measuring the sweeps again, and only the post-processing, "
+                             "the detection threshold and the choices are made anew (default: measure)")
     parser.add_argument("--tolerance", type=float, default=COST_TOLERANCE,
                         help="the cheapest point (fewest passes, R x noise draws) within this much training "
                              "Dice of the best is chosen (0: the best) (default: %(default)s)")
@@ -92,10 +107,13 @@ def ablation_main(argv=None):
                                 max_images=args.max_images)
     except ValueError as err:
         raise UserError(f"--src_dir {err}")
-    rows = run_ablation(models, slices, grid, batch_size=args.batch_size, seed=args.seed)
     max_steps = args.max_steps or None
-    rows += noise_draw_sweep(models, slices, best_point(rows, "dice", "cg-cdm", max_steps), grid,
-                             batch_size=args.batch_size, seed=args.seed)
+    if args.reuse_rows:
+        rows = _read_rows(args.reuse_rows)
+    else:
+        rows = run_ablation(models, slices, grid, batch_size=args.batch_size, seed=args.seed)
+        rows += noise_draw_sweep(models, slices, best_point(rows, "dice", "cg-cdm", max_steps), grid,
+                                 batch_size=args.batch_size, seed=args.seed)
     point = best_point(rows, "dice", "cg-cdm", max_steps, args.tolerance)
     options, option_rows = choose_postprocessing(models, slices, point, batch_size=args.batch_size, seed=args.seed)
     detection = None
