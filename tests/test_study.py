@@ -50,10 +50,12 @@ def test_ablation_points_match_direct_runs_and_choices_follow_the_rows(demo_like
     assert chosen["mask_tuned_best"]["training_dice"] == best["dice"] and chosen["n_training_images"] == 3
     # the cheapest point within the tolerance of the best Dice
     cg = [r for r in rows if r["method"] == "cg-cdm" and r["steps"] <= 10]
-    good = [r for r in cg if r["dice"] >= best["dice"] - chosen["tolerance"]]
-    assert chosen["tolerance"] == 0.005 and chosen["mask_tuned"]["passes"] == min(r["steps"] * r["noise_draws"] for r in good)
-    assert chosen["mask_tuned"]["training_dice"] >= best["dice"] - 0.005
-    assert chosen["label_free"]["training_dice"] == best_point(rows, "separability", "cg-cdm", 10, 0.005)["dice"]
+    standard_error = best["dice_std"] / np.sqrt(best["n_images"])  # the one-standard-error rule
+    assert chosen["tolerance"] == "se" and chosen["tolerance_dice"] == pytest.approx(standard_error)
+    good = [r for r in cg if r["dice"] >= best["dice"] - standard_error]
+    assert chosen["mask_tuned"]["passes"] == min(r["steps"] * r["noise_draws"] for r in good)
+    assert chosen["mask_tuned"]["training_dice"] >= best["dice"] - standard_error
+    assert chosen["label_free"]["training_dice"] == best_point(rows, "separability", "cg-cdm", 10, "se")["dice"]
     detection = chosen["detection"]
     assert 0 <= detection["threshold"] <= 1 and detection["n_training_images"] == detection["n_positive"] + detection["n_negative"]
     assert detection["n_positive"] > 0 and detection["n_negative"] > 0
@@ -123,6 +125,11 @@ def test_best_point_within_a_tolerance_takes_the_fewest_passes():
     assert best_point(rows, "dice", "cg-cdm", tolerance=0.01) is rows[1]  # 1 pass, 0.007 below the best
     assert best_point(rows, "dice", "cg-cdm", tolerance=0.005) is rows[2]  # 5 passes beat 10
     assert best_point(rows, "dice", "cg-cdm", tolerance=1.0) is rows[1]  # ties in passes: the higher Dice
+    for row, std in zip(rows, (0.1, 0.1, 0.04, 0.1)):
+        row.update(dice_std=std, n_images=16)
+    assert best_point(rows, "dice", "cg-cdm", tolerance="se") is rows[1]  # 0.007 below, within 0.04 / 4
+    rows[2]["dice_std"] = 0.02
+    assert best_point(rows, "dice", "cg-cdm", tolerance="se") is rows[2]  # 0.005: only the best itself
 
 
 def test_the_detection_threshold_maximises_balanced_accuracy_on_training_labels():

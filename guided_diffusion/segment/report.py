@@ -51,7 +51,8 @@ def variant_summary(maps, gts, images, options=MaskOptions()):
     training split): {"otsu", "largest_component", "map_separability"}."""
     masks = masks_of(maps, images, options)
     scores = {key: summarize(evaluate_masks(masks[key], gts)) for key, _, _ in MASK_KINDS}
-    scores["map_separability"] = float(np.mean(separability(maps, images, options)))
+    per_image = separability(maps, images, options)
+    scores["map_separability"], scores["map_separability_std"] = float(np.mean(per_image)), float(np.std(per_image))
     return scores
 
 

@@ -133,7 +133,8 @@ def find_scans(inputs, modalities):
 
 
 def with_reference(scans, reference):
-    """Attach `--reference` (a file, for one scan, or a folder of `<name>_seg.nii.gz` / `<name>.nii.gz`)."""
+    """Attach `--reference`: a file, for one scan, or a folder holding `<name>_seg.nii.gz`, `<name>.nii.gz`
+    or a BraTS subject folder `<subject>/<subject>_seg.nii.gz` (for a scan named `<subject>_<modality>`)."""
     if not reference:
         return scans
     if os.path.isfile(reference):
@@ -145,10 +146,11 @@ def with_reference(scans, reference):
     if not os.path.isdir(reference):
         raise UserError(f"--reference {reference}: no such file or folder")
     for scan in scans:
-        for candidate in (f"{scan.name}_seg.nii.gz", f"{scan.name}_seg.nii", f"{scan.name}.nii.gz", f"{scan.name}.nii"):
-            if os.path.isfile(os.path.join(reference, candidate)):
-                scan.reference = os.path.join(reference, candidate)
-                break
+        subject = next((scan.name[:-len(m) - 1] for m in BRATS_MODALITIES if scan.name.endswith(f"_{m}")), scan.name)
+        candidates = [f"{scan.name}_seg", scan.name, f"{subject}_seg", os.path.join(subject, f"{subject}_seg")]
+        found = [os.path.join(reference, c + ext) for c in candidates for ext in NIFTI_SUFFIXES]
+        own = {os.path.abspath(c) for c in scan.channels}  # a folder of scans is no folder of references
+        scan.reference = next((p for p in found if os.path.isfile(p) and os.path.abspath(p) not in own), scan.reference)
     return scans
 
 

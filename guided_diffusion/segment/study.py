@@ -7,7 +7,8 @@ runs. CDM is the same runs at classifier scale 0.
 
 Two choices are made from the grid, never from validation masks:
 - `mask_tuned`: the cheapest point (fewest UNet and classifier passes: R x noise draws) whose mean
-  Dice against the training masks is within `tolerance` (0.005) of the best, then the
+  Dice against the training masks is within `tolerance` of the best (default: one standard error of
+  the best point's mean Dice on the subset, the one-standard-error rule; or a number), then the
   post-processing (smoothing, foreground-only threshold, largest component) best on those maps;
   the best point itself is recorded beside it (`mask_tuned_best`);
 - `label_free`: the same rule on the label-free score (`otsu_separability`: how clearly two-class
@@ -57,7 +58,7 @@ class StudyGrid:
     draw_steps: tuple = (1, 2)  # R of the noise-draw sweep
 
 
-COST_TOLERANCE = 0.005  # Dice (or separability) a cheaper point may lose against the best one
+COST_TOLERANCE = "se"  # how much Dice (or separability) a cheaper point may lose against the best: one standard error
 
 
 class StepSweep(CGCDM):
@@ -105,8 +106,11 @@ def measure(models, slices, *, noise_level, record_steps, taus, scale, batch_siz
             rows.append({"sweep": sweep, "method": "cg-cdm" if scale else "cdm", "noise_level": noise_level,
                          "steps": r, "tau": float(tau), "classifier_scale": scale,
                          "noise_draws": noise_draws, "passes": r * noise_draws,
-                         "dice": summary["otsu"]["dice_mean"], "dice_lcc": summary["largest_component"]["dice_mean"],
-                         "separability": summary["map_separability"], "seconds_per_image": seconds / len(slices)})
+                         "dice": summary["otsu"]["dice_mean"], "dice_std": summary["otsu"]["dice_std"],
+                         "dice_lcc": summary["largest_component"]["dice_mean"],
+                         "separability": summary["map_separability"],
+                         "separability_std": summary["map_separability_std"], "n_images": len(slices),
+                         "seconds_per_image": seconds / len(slices)})
     return rows
 
 
@@ -150,14 +154,24 @@ def passes(row):
     return row["steps"] * row.get("noise_draws", 1)
 
 
+def tolerance_of(rows, key, tolerance):
+    """The tolerance in units of `key`: a number as it is, or "se", the standard error of the best row's
+    mean (its per-image standard deviation over the square root of its image count): the one-standard-
+    error rule, which takes the cheapest point that the subset cannot tell apart from the best."""
+    if tolerance != "se":
+        return float(tolerance)
+    best = max(rows, key=lambda r: r[key])
+    return float(best[f"{key}_std"]) / best["n_images"] ** 0.5
+
+
 def best_point(rows, key, method=None, max_steps=None, tolerance=0.0):
-    """The cheapest row (fewest `passes`) whose `key` is within `tolerance` of the highest among `method`'s
-    rows with at most `max_steps` steps; tolerance 0 gives the best row (ties: fewer passes, then the
-    earlier row)."""
+    """The cheapest row (fewest `passes`) whose `key` is within `tolerance` (a number, or "se": see
+    `tolerance_of`) of the highest among `method`'s rows with at most `max_steps` steps; tolerance 0
+    gives the best row (ties: fewer passes, then the higher `key`, then the earlier row)."""
     candidates = [r for r in rows if (method is None or r["method"] == method)
                   and (max_steps is None or r["steps"] <= max_steps)]
     top = max(r[key] for r in candidates)
-    good = [r for r in candidates if r[key] >= top - tolerance]
+    good = [r for r in candidates if r[key] >= top - tolerance_of(candidates, key, tolerance)]
     return min(good, key=lambda r: (passes(r), -r[key]))
 
 
@@ -204,10 +218,12 @@ def selection(rows, postprocessing, postprocessing_rows, n_images, max_steps=Non
                    "training_separability": row["separability"]})
 
     mask_tuned = best_point(rows, "dice", "cg-cdm", max_steps, tolerance)
+    cg_cdm = [r for r in rows if r["method"] == "cg-cdm" and (max_steps is None or r["steps"] <= max_steps)]
     return {
         "n_training_images": n_images,
         "max_steps": max_steps,
         "tolerance": tolerance,
+        "tolerance_dice": tolerance_of(cg_cdm, "dice", tolerance),
         "mask_tuned": settings_of(mask_tuned) | {"postprocessing": postprocessing.as_dict()},
         "mask_tuned_best": settings_of(best_point(rows, "dice", "cg-cdm", max_steps)),
         "mask_tuned_any_steps": settings_of(best_point(rows, "dice", "cg-cdm")),

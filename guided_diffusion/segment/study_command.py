@@ -72,9 +72,10 @@ def ablation_main(argv=None):
                         help="ablation.json of an earlier run with the same models, data and --max_images: its "
                              "rows are taken instead of measuring the sweeps again, and only the post-processing, "
                              "the detection threshold and the choices are made anew (default: measure)")
-    parser.add_argument("--tolerance", type=float, default=COST_TOLERANCE,
+    parser.add_argument("--tolerance", default=COST_TOLERANCE,
                         help="the cheapest point (fewest passes, R x noise draws) within this much training "
-                             "Dice of the best is chosen (0: the best) (default: %(default)s)")
+                             "Dice of the best is chosen: a number (0: the best), or 'se', one standard error of "
+                             "the best point's mean Dice on the subset (default: %(default)s)")
     grid = StudyGrid()
     for name, help_text in (("noise_levels", "noise levels Q of the R sweep, fractions of T"),
                             ("record_steps", "step counts R recorded in the R sweep (one run of the largest)"),
@@ -94,8 +95,13 @@ def ablation_main(argv=None):
                         f"comma lists of numbers ({err})")
     if args.max_images < 1 or args.batch_size < 1 or args.detect_images < 0:
         raise UserError("--max_images and --batch_size must be at least 1, --detect_images at least 0")
-    if not args.tolerance >= 0:
-        raise UserError(f"--tolerance {args.tolerance}: must be at least 0")
+    if args.tolerance != "se":
+        try:
+            args.tolerance = float(args.tolerance)
+        except ValueError:
+            args.tolerance = -1.0
+        if not args.tolerance >= 0:
+            raise UserError(f"--tolerance {args.tolerance}: must be 'se' or a number at least 0")
     require_dir(args.src_dir, "--src_dir")
     ddpm_path = args.model_path or _models_paths(args.models, ("ddpm",))["ddpm"]
     classifier_path = args.classifier_path or _models_paths(args.models, ("classifier",))["classifier"]
