@@ -213,3 +213,55 @@ def test_bad_inputs_are_one_line_errors_and_leave_no_output(setup, tmp_path):
         assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, (argv, err)
         assert expected in err, (argv, err)
         assert not out.exists()
+
+
+DEMO_MODELS = os.path.join(REPO, "runs", "demo")
+
+
+def test_a_healthy_scan_gives_a_near_empty_mask_with_the_demo_models(tmp_path):
+    """A lesion-free subject of the demo generator (never seen in training), the shipped models and the
+    shipped selection (detection threshold chosen on the demo training split)."""
+    from dataclasses import replace
+
+    from guided_diffusion import demo_data
+
+    rng = np.random.default_rng([2026, 12])
+    settings = replace(demo_data.GLIOMA_SETTINGS, lesion_free_fraction=1.0)
+    image, seg, affine = demo_data.synthesize_subject(demo_data.load_mni_template(2.0), rng, 2.0, settings)
+    assert not seg.any()
+    scan = write_scan(tmp_path / "healthy_flair.nii.gz", np.rint(image * 1000), affine)
+    dataset = tmp_path / "demo_dataset"
+    dataset.mkdir()  # the demo's preprocessing (scripts/make_demo_data.py), without building the demo data
+    (dataset / "dataset.json").write_text(json.dumps({"options": asdict(SliceOptions(image_size=64, min_lesion_pixels=5)),
+                                                      "modalities": ["flair"]}))
+    out = tmp_path / "out"
+    scans_command.main(["--input", scan, "--model_path", os.path.join(DEMO_MODELS, "ddpm", "model.pt"),
+                        "--classifier_path", os.path.join(DEMO_MODELS, "classifier", "model.pt"), "--method", "cg-cdm",
+                        "--settings", os.path.join(DEMO_MODELS, "selection.json"), "--dataset_json", str(dataset),
+                        "--batch_size", "64", "--out_dir", str(out)])
+    row = json.loads((out / "summary.json").read_text())["scans"][0]
+    brain = int((image > 0).sum())
+    assert row["segmented_slices"] <= 0.1 * row["slices"], row
+    assert row["predicted_voxels"] <= 0.01 * brain, row
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None,
+                    reason="torchrun is not installed")
+def test_torchrun_shares_a_scan_between_two_processes_with_the_same_result(setup, tmp_path):
+    def segment(launcher, out):
+        command = [*launcher, os.path.join(REPO, "scripts", "segment_scans.py"), "--input", str(setup["raw"] / "S1"),
+                   "--model_path", setup["model"], "--method", "cg-cdm", "--classifier_path", setup["classifier"],
+                   "--steps", "2", "--detect_threshold", "0", "--batch_size", "2", "--out_dir", str(out)]
+        result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                                timeout=300, cwd=REPO)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return out
+
+    one = segment([sys.executable], tmp_path / "one")
+    two = segment([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node", "2"],
+                  tmp_path / "two")
+    for name in ("S1_pred.nii.gz", "S1_map.nii.gz"):
+        np.testing.assert_array_equal(np.asarray(nib.load(one / name).dataobj), np.asarray(nib.load(two / name).dataobj))
+    first, second = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+    assert first["scans"][0]["dice_3d"] == second["scans"][0]["dice_3d"]
+    assert second["settings"]["world_size"] == 2
