@@ -117,6 +117,11 @@ def create_argparser():
     )
     add_flags(parser, {**segmentation_defaults(), "guided": False}, help=HELP, aliases={"fold": ["-f"]},
               switches=("guided",), choices={"slices": ("tumor", "all")})
+    return add_model_flags(parser)
+
+
+def add_model_flags(parser):
+    """--precision, --compile and the checkpoint configuration flags (checked against args.json)."""
     add_inference_flags(parser)
     checked = parser.add_argument_group(
         "checkpoint configuration", "Read from args.json beside each checkpoint; typing one only checks that it agrees.")

@@ -23,7 +23,7 @@ unchanged), but the threshold it returns is then the edge between the two classe
 of the last lower bin, so `image >= threshold` keeps exactly the classes Otsu scored.
 """
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy import ndimage

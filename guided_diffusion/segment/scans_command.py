@@ -24,11 +24,9 @@ import time
 from .. import dist_util
 from ..checkpoint_util import read_args_json
 from ..cli import ArgumentParser, UserError, add_flags, atomic_directory, explicit_flags
-from ..inference import add_inference_flags
 from ..run_lock import folder_lock
 from ..volumes import parse_modalities
-from ..script_util import FLAG_ALIASES, FLAG_HELP, classifier_defaults, model_and_diffusion_defaults
-from .command import HELP, check_flags, prepare_run, segmentation_defaults
+from .command import HELP, add_model_flags, check_flags, prepare_run, segmentation_defaults
 from .report import clean_json, write_json
 from .scans import ScanWriter, dataset_preprocessing, find_scans, prepare_scan, scan_batches, summarise_scans, with_reference
 
@@ -60,13 +58,7 @@ def create_argparser():
     defaults.update(out_dir="runs/segment_scans", dataset_json="", modality="", reference="", keep_largest=False,
                     overview_slices=6)
     add_flags(parser, defaults, help={**HELP, **SCAN_HELP})
-    add_inference_flags(parser)
-    checked = parser.add_argument_group(
-        "checkpoint configuration", "Read from args.json beside each checkpoint; typing one only checks that it agrees.")
-    flags = dict(model_and_diffusion_defaults())
-    flags.update({k: v for k, v in classifier_defaults().items() if k not in flags})
-    add_flags(checked, flags, help=FLAG_HELP, aliases=FLAG_ALIASES)
-    return parser
+    return add_model_flags(parser)
 
 
 def _settings_path(path):

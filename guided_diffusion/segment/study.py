@@ -262,6 +262,9 @@ def plot_ablation(rows, path):
         line = sorted((r["steps"], r["dice"]) for r in steps_rows
                       if (r["noise_level"], r["tau"], r["method"]) == (q, tau, method))
         axes[0].plot(*zip(*line), styles[method], marker="o", ms=3, label=f"{method} Q={q:g}T tau={tau:g}")
+    for draws in sorted({r["noise_draws"] for r in rows if r["sweep"] == "noise_draws"}):
+        line = sorted((r["steps"], r["dice"]) for r in rows if r["sweep"] == "noise_draws" and r["noise_draws"] == draws)
+        axes[0].plot(*zip(*line), ":", marker="s", ms=4, label=f"cg-cdm, mean of {draws} noise draws")
     axes[0].set(xlabel="DDIM steps R", ylabel="Dice (training subset)", title="Dice vs R\n" + _paper(PAPER_ABLATION["steps"]))
     for method in ("cg-cdm", "cdm"):
         line = sorted((r["tau"], r["dice"]) for r in rows if r["sweep"] == "tau" and r["method"] == method)
