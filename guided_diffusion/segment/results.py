@@ -36,7 +36,10 @@ def row_specs(selection, ddpm, classifier, cam_classifier, fast_stride=40):
     tuned, free, cdm = selection["mask_tuned"], selection["label_free"], selection["mask_tuned_cdm"]
     diffusion = ["--model_path", ddpm, "--classifier_path", classifier]
     paper = {"noise_level": 0.1, "steps": 10, "tau": 0.95, "classifier_scale": 10.0}
-    describe = "Q {noise_level:g} T, R {steps}, tau {tau:g}, s {classifier_scale:g}".format
+    def describe(noise_level, steps, tau, classifier_scale, noise_draws=1):
+        draws = f", {noise_draws} noise draws" if noise_draws > 1 else ""
+        return f"Q {noise_level:g} T, R {steps}{draws}, tau {tau:g}, s {classifier_scale:g}"
+
     specs = {
         "cg-cdm": (f"CG-CDM, chosen on training masks ({describe(**_settings(tuned))})", "cg-cdm",
                    ["--method", "cg-cdm", *diffusion, *_point_flags(tuned)], None),
@@ -61,7 +64,8 @@ def row_specs(selection, ddpm, classifier, cam_classifier, fast_stride=40):
 
 
 def _settings(point):
-    return {k: point[k] for k in ("noise_level", "steps", "tau", "classifier_scale")}
+    return {k: point[k] for k in ("noise_level", "steps", "tau", "classifier_scale")} | {
+        "noise_draws": point.get("noise_draws", 1)}
 
 
 def run_rows(keys, specs, selection, *, src_dir, out_dir, batch_size=32, max_images=0, log=print):
