@@ -203,6 +203,7 @@ def test_bad_inputs_are_one_line_errors_and_leave_no_output(setup, tmp_path):
         (["--input", subject, *base, "--model_path", model_without_data, "--dataset_json", ""], "--dataset_json is required"),
         (["--input", subject, *base, "--model_path", four_channels], "in_channels=4"),
         (["--input", subject, *base, "--detect_threshold", "-0.5"], "--detect_threshold -0.5: must lie in [0, 1]"),
+        (["--input", subject, *base, "--tau", "0.95,0"], "takes one tau"),
         (["--input", subject, *base, "--settings", str(tmp_path / "other.json")], "not a selection"),
         (["--input", subject, *base, "--settings", str(selection), "--choice", "magic"], "--choice 'magic'"),
     ]

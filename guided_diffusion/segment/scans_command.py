@@ -112,6 +112,9 @@ def main(argv=None):
     if args.overview_slices < 0:
         raise UserError(f"--overview_slices {args.overview_slices}: must be at least 0")
     checked = check_flags(args, explicit)
+    if len(checked[0].taus) > 1:
+        raise UserError(f"--tau {args.tau}: segment_scans.py writes one mask per scan, so it takes one tau "
+                        f"(image_p_seg.py runs a tau ablation)")
     dist_util.setup_dist()
     main_process = dist_util.is_main_process()
     log = print if main_process else (lambda *a: None)
