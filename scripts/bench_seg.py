@@ -17,7 +17,8 @@ With --levers, today's defaults again with each speed lever of `benchmarks.LEVER
 with channels-last and bf16 added (--compile: torch.compile too, warm-up reported). At the shipped
 demo models' size (64 px) the variants run them on evenly spaced validation tumour slices and report
 the mean Dice of the demo's masks (1-pixel blur, Otsu over the brain); at other sizes random networks
-of the demo configuration on random images (timing does not depend on the weights).
+of the demo configuration on random images (timing does not depend on the weights; --num_channels,
+--num_res_blocks and --diffusion_steps change that configuration and use random networks at every size).
 
 Example (CPU, about 5 minutes on 2 cores):
     python scripts/bench_seg.py --sizes 64,224 --images 32,2 --loop_images 4,1 --json runs/bench_seg.json
@@ -46,6 +47,14 @@ def parse_list(text, flag):
         raise UserError(f"{flag} {text!r}: expected comma-separated integers")
 
 
+def per_size(text, flag, sizes, default):
+    """One integer per size from `text`, or `default(size)` for each when it is empty."""
+    values = parse_list(text, flag) if text else [default(size) for size in sizes]
+    if len(values) != len(sizes):
+        raise UserError(f"{flag} {text!r}: give one entry per size of --sizes ({len(sizes)})")
+    return values
+
+
 def variants_for(args, loop_images, anomaly_images):
     today = CdmSettings(args.noise_level, args.steps, args.tau, args.classifier_scale)
     new = CdmSettings(args.new_noise_level if args.new_noise_level is not None else args.noise_level, args.new_steps,
@@ -70,14 +79,21 @@ def variants_for(args, loop_images, anomaly_images):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--sizes", default="64,224", help="image sizes (default: 64,224)")
-    parser.add_argument("--images", default="32,2", help="images per size, one batch (default: 32,2)")
-    parser.add_argument("--loop_images", default="4,1", help="images per size for the original loop (default: 4,1)")
-    parser.add_argument("--anomaly_images", default="0,0",
-                        help="images per size for the anomaly baseline, 0 to skip (default: 0,0)")
+    parser.add_argument("--images", default="", help="images per size, one batch (default: 32 at 64 px, else 2)")
+    parser.add_argument("--loop_images", default="",
+                        help="images per size for the original loop (default: 4 at 64 px, else 1)")
+    parser.add_argument("--anomaly_images", default="",
+                        help="images per size for the anomaly baseline, 0 to skip (default: 0)")
     parser.add_argument("--models", default=os.path.join(ROOT, "runs", "demo"),
                         help="the shipped demo models (ddpm/, classifier/) (default: runs/demo)")
     parser.add_argument("--src_dir", default=os.path.join(ROOT, "data", "demo", "slices"),
                         help="slices for the shipped models' size (default: data/demo/slices)")
+    parser.add_argument("--num_channels", type=int, default=0,
+                        help="UNet and classifier width of random networks (default: the demo models'); given, "
+                             "random networks run at every size")
+    parser.add_argument("--num_res_blocks", type=int, default=0,
+                        help="residual blocks per level of random networks (default: the demo models')")
+    parser.add_argument("--diffusion_steps", type=int, default=0, help="T of random networks (default: the demo's)")
     parser.add_argument("--noise_level", type=float, default=0.1, help="today's Q as a fraction of T (default: 0.1)")
     parser.add_argument("--steps", type=int, default=10, help="today's R (default: 10)")
     parser.add_argument("--tau", type=float, default=0.0, help="today's tau (default: 0)")
@@ -98,11 +114,9 @@ def main(argv=None):
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     sizes = parse_list(args.sizes, "--sizes")
-    counts = parse_list(args.images, "--images")
-    loops = parse_list(args.loop_images, "--loop_images")
-    anomalies = parse_list(args.anomaly_images, "--anomaly_images")
-    if not len(sizes) == len(counts) == len(loops) == len(anomalies):
-        raise UserError("--sizes, --images, --loop_images and --anomaly_images need one entry per size")
+    counts = per_size(args.images, "--images", sizes, lambda size: 32 if size <= 64 else 2)
+    loops = per_size(args.loop_images, "--loop_images", sizes, lambda size: 4 if size <= 64 else 1)
+    anomalies = per_size(args.anomaly_images, "--anomaly_images", sizes, lambda size: 0)
     if any(loop > count for loop, count in zip(loops + anomalies, counts + counts)):
         raise UserError("--loop_images and --anomaly_images may not exceed --images")
     if not os.path.isfile(os.path.join(args.models, "ddpm", "args.json")):
@@ -114,10 +128,22 @@ def main(argv=None):
     print(f"device: {where}; torch {torch.__version__}; {args.repeats} timed round(s), variants in turns")
     mask_options = MaskOptions(smooth_sigma=1.0, foreground_only=True)
     shipped_size = benchmarks.demo_configs(args.models)[0]["image_size"]
+    ddpm_overrides, classifier_overrides = {}, {}
+    for flag, ddpm_key, classifier_key in (("num_channels", "num_channels", "classifier_width"),
+                                           ("num_res_blocks", "num_res_blocks", "classifier_depth"),
+                                           ("diffusion_steps", "diffusion_steps", None)):
+        value = getattr(args, flag)
+        if value < 0:
+            raise UserError(f"--{flag} {value}: must be positive (0: the demo models')")
+        if value:
+            ddpm_overrides[ddpm_key] = value
+            if classifier_key:
+                classifier_overrides[classifier_key] = value
     rows = []
     for size, count, loop, anomaly in zip(sizes, counts, loops, anomalies):
-        shipped = size == shipped_size and os.path.isdir(args.src_dir)
-        inputs = Inputs(size, count, args.models, shipped=shipped, src_dir=args.src_dir, device=str(device))
+        shipped = size == shipped_size and os.path.isdir(args.src_dir) and not ddpm_overrides
+        inputs = Inputs(size, count, args.models, shipped=shipped, src_dir=args.src_dir, device=str(device),
+                        ddpm_overrides=ddpm_overrides, classifier_overrides=classifier_overrides)
         size_rows = benchmark(inputs, variants_for(args, loop, anomaly), repeats=args.repeats,
                               mask_options=mask_options, threads=args.threads)
         original = next(r for r in size_rows if r["kind"] == "original")

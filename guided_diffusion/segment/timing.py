@@ -47,7 +47,7 @@ class CdmSettings:
 class Inputs:
     """The networks and images of a benchmark at one size: the shipped demo models on `count` evenly
     spaced validation tumour slices of `src_dir` when `shipped`, else random networks of the demo
-    configuration on random images."""
+    configuration, with `ddpm_overrides` / `classifier_overrides` (dicts of config values), on random images."""
 
     size: int
     count: int
@@ -56,6 +56,8 @@ class Inputs:
     src_dir: str = ""
     seed: int = 0
     device: str = "cpu"
+    ddpm_overrides: dict = None
+    classifier_overrides: dict = None
 
 
 def load_inputs(inputs):
@@ -70,6 +72,8 @@ def load_inputs(inputs):
         x0, masks = slices.images, slices.masks
     else:
         ddpm_config, classifier_config = benchmarks.demo_configs(inputs.models_dir, inputs.size)
+        ddpm_config.update(inputs.ddpm_overrides or {})
+        classifier_config.update(inputs.classifier_overrides or {})
         model, diffusion, classifier = benchmarks.random_networks(ddpm_config, classifier_config, device, inputs.seed)
         generator = torch.Generator().manual_seed(inputs.seed + 1)
         x0 = torch.rand(inputs.count, model.in_channels, inputs.size, inputs.size, generator=generator) * 2 - 1
