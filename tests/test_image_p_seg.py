@@ -309,6 +309,12 @@ def test_every_slice_with_detection_scores_healthy_slices_too(setup, tmp_path):
     assert summary["n_segmented"] == 0 and summary["detection"]["sensitivity"] == 0
     assert not np.load(nothing / "saliency.npz")["maps"].any()
     assert summary["variants"]["tau_0.95"]["otsu"]["dice_mean"] == 0.0  # a missed tumour slice counts 0
+    # the label-free map check: a minimum separability of 1 rejects every detected slice's (imperfect) map
+    gated = run(setup, tmp_path / "gated", "--method", "cg-cdm", "--classifier_path", setup["classifier"],
+                "--slices", "all", "--detect_threshold", "0", "--min_separability", "1")
+    summary = json.loads((gated / "summary.json").read_text())
+    assert summary["n_segmented"] == 0 and summary["settings"]["min_separability"] == 1.0
+    assert summary["detection"]["n_detected"] == 0 and not np.load(gated / "saliency.npz")["maps"].any()
 
 
 def test_bf16_autocast_maps_follow_the_fp32_maps(setup, tmp_path):

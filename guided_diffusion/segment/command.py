@@ -35,7 +35,7 @@ from ..run_lock import folder_lock
 from ..script_util import FLAG_ALIASES, FLAG_HELP, classifier_defaults, diffusion_from_config, model_and_diffusion_defaults
 from .cam import gap_linear_head
 from .methods import METHODS, SaliencySettings, check_steps_fit, create_method, tau_variant
-from .detect import TumourDetector
+from .detect import SeparabilityGate, TumourDetector
 from .pipeline import Pipeline, SliceBatches, select_slices
 from .postprocess import MaskOptions
 from .report import SliceReport, check_volumes_possible
@@ -51,7 +51,7 @@ def segmentation_defaults():
         noise_level=0.1, steps=10, stride=1, tau="0.95", classifier_scale=10.0, healthy_label=0,
         clip_denoised=True, abs_map=False, smooth_sigma=0.0, foreground_only=False, positive_part=False,
         seed=0, grid_images=8, volumes=False, raw_dir="", slices="tumor", detect_threshold=-1.0,
-        detector_path="", noise_draws=1, settings="", choice="mask_tuned",
+        detector_path="", min_separability=-1.0, noise_draws=1, settings="", choice="mask_tuned",
     )
 
 
@@ -73,6 +73,9 @@ HELP = {
                         "threshold of --settings, chosen on the training split, else 0.5)",
     "detector_path": "classifier whose tumour probability decides which slices are segmented (default: "
                      "--classifier_path)",
+    "min_separability": "with detection: a detected slice is segmented only when its map is clearly two-class, "
+                        "Otsu's effectiveness at least this (a label-free check against false detections; 0: "
+                        "off) (default: the value of --settings, chosen on the training split, else 0)",
     "noise_draws": "K: each map is the mean of the maps from K noise draws (draw k of a slice depends only "
                    "on --seed, the slice's name and k)",
     "settings": "selection.json of scripts/ablation.py: its --choice sets Q, R, tau, s, the post-processing "
@@ -169,8 +172,10 @@ def build_settings(args):
         raise UserError(f"--max_images {args.max_images}: must be 0 (all) or positive")
     if args.noise_draws < 1:
         raise UserError(f"--noise_draws {args.noise_draws}: must be at least 1")
-    if args.detect_threshold != -1.0 and not 0.0 <= args.detect_threshold <= 1.0:
-        raise UserError(f"--detect_threshold {args.detect_threshold}: must lie in [0, 1]")
+    for flag in ("detect_threshold", "min_separability"):
+        value = getattr(args, flag)
+        if value != -1.0 and not 0.0 <= value <= 1.0:
+            raise UserError(f"--{flag} {value}: must lie in [0, 1]")
     taus = parse_taus(args.tau)
     if len(taus) > 1 and not METHODS[args.method].uses_tau:
         raise UserError(f"--tau lists several values but --method {args.method} does not use tau")
@@ -265,7 +270,9 @@ class SegmentationRun:
                           healthy_label=args.healthy_label, clip_denoised=args.clip_denoised,
                           abs_map=args.abs_map, diffusion_steps=self.config["diffusion_steps"])
         if self.pipeline.detector is not None:
-            values.update(detector_path=self.detector_path, detect_threshold=self.threshold)
+            gate = self.pipeline.map_gate
+            values.update(detector_path=self.detector_path, detect_threshold=self.threshold,
+                          min_separability=gate.minimum if gate is not None else 0.0)
         return values
 
 
@@ -291,6 +298,8 @@ def prepare_run(args, explicit, checked, *, detect, log=print):
     detector, detector_path = (load_detector(args, device, config, classifier, classifier_path)
                                if detect else (None, ""))
     threshold = DEFAULT_DETECT_THRESHOLD if args.detect_threshold == -1.0 else args.detect_threshold
+    min_separability = 0.0 if args.min_separability == -1.0 else args.min_separability
+    map_gate = SeparabilityGate(min_separability, options) if detect and min_separability > 0 else None
     if args.method == "cam" and gap_linear_head(classifier) is None:
         log("cam: the classifier head is not GAP + linear, so CAM is computed in its gradient form (Grad-CAM)")
     if applied:
@@ -302,7 +311,7 @@ def prepare_run(args, explicit, checked, *, detect, log=print):
     torch.manual_seed(args.seed)
     method = create_method(args.method, settings, model=model, diffusion=diffusion, classifier=classifier)
     pipeline = Pipeline(method, seed=args.seed, noise_draws=args.noise_draws, detector=detector,
-                        threshold=threshold, device=device)
+                        threshold=threshold, map_gate=map_gate, device=device)
     run = SegmentationRun(pipeline=pipeline, config=config, settings=settings, options=options,
                           classifier_path=classifier_path or "", detector_path=detector_path, threshold=threshold)
     run.settings_file = applied

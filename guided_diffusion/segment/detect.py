@@ -13,6 +13,7 @@ import torch
 
 from ..classifier_util import binary_auroc
 from .pipeline import LESION_LABEL
+from .postprocess import foreground_mask, otsu_separability
 
 
 class TumourDetector:
@@ -28,13 +29,31 @@ class TumourDetector:
         return torch.softmax(logits, dim=-1)[:, self.lesion_label].cpu().numpy()
 
 
-def detection_scores(probability, labels, threshold):
+class SeparabilityGate:
+    """maps (n, H, W), images (n, C, H, W) -> keep (n,) bool: a slice is kept when its map is clearly
+    two-class, Otsu's effectiveness (`postprocess.otsu_separability`, with the run's mask options) at
+    least `minimum`. It needs no label: a lesion stands out of the map, a false detection gives a
+    diffuse map. `minimum` is chosen on the training split (`choose_threshold` on detected slices)."""
+
+    def __init__(self, minimum, options):
+        self.minimum, self.options = float(minimum), options
+
+    def scores(self, maps, images):
+        region = foreground_mask(images) if self.options.foreground_only else None
+        return otsu_separability(maps, region, self.options.smooth_sigma, self.options.positive_part)
+
+    def __call__(self, maps, images):
+        return self.scores(maps, images) >= self.minimum
+
+
+def detection_scores(probability, labels, threshold, detected=None):
     """Slice-level detection against image labels (1 lesion, 0 healthy; other values are left out):
-    sensitivity, specificity, balanced accuracy and AUROC (NaN where a class is missing)."""
+    sensitivity, specificity, balanced accuracy and AUROC (NaN where a class is missing). `detected`:
+    the slices finally segmented (default: probability >= threshold)."""
     probability, labels = np.asarray(probability, np.float64), np.asarray(labels)
+    detected = probability >= threshold if detected is None else np.asarray(detected, bool)
     known = (labels == 0) | (labels == 1)
-    probability, positive = probability[known], labels[known] == 1
-    detected = probability >= threshold
+    probability, positive, detected = probability[known], labels[known] == 1, detected[known]
     sensitivity = float(detected[positive].mean()) if positive.any() else float("nan")
     specificity = float((~detected[~positive]).mean()) if (~positive).any() else float("nan")
     return {"threshold": float(threshold), "n_positive": int(positive.sum()), "n_negative": int((~positive).sum()),

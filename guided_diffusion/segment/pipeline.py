@@ -6,7 +6,8 @@ ablation on a training subset) hands `Pipeline.run` a sequence of `Batch`es and 
 number of images. For each batch:
 
 1. detection (optional): the classifier's tumour probability at t = 0; slices under the threshold
-   are not segmented and get an all-zero map (an empty mask);
+   are not segmented and get an all-zero map (an empty mask); optionally also the detected slices
+   whose map is not clearly two-class (a label-free check of the map);
 2. the method's maps of the other slices, averaged over `noise_draws` noise draws, where slice
    `name`'s draw k depends only on (seed, name, k): a slice's map does not depend on the batch
    size, on the other slices selected, or on the front end that read it;
@@ -181,17 +182,20 @@ class Pipeline:
     """Detection, then a method's maps (mean over noise draws), batch by batch; see the module docstring.
 
     detector: None, or a callable images -> tumour probability (B,) (see `segment.detect`); slices with
-    a probability under `threshold` are not segmented. `seconds` holds, after a run, the time spent in
+    a probability under `threshold` are not segmented. map_gate: None, or a callable (maps, images) ->
+    keep (n,) bool run on the detected slices' maps (`detect.SeparabilityGate`): the rejected ones get
+    an all-zero map and count as not segmented. `seconds` holds, after a run, the time spent in
     detection and the method, summed over batches and processes (data reading excluded).
     """
 
-    def __init__(self, method, *, seed=0, noise_draws=1, detector=None, threshold=0.5, device=None, progress=True):
+    def __init__(self, method, *, seed=0, noise_draws=1, detector=None, threshold=0.5, map_gate=None, device=None,
+                 progress=True):
         if noise_draws < 1:
             raise ValueError(f"noise_draws {noise_draws}: must be at least 1")
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold {threshold}: must lie in [0, 1]")
         self.method, self.seed, self.noise_draws = method, seed, noise_draws
-        self.detector, self.threshold = detector, threshold
+        self.detector, self.threshold, self.map_gate = detector, threshold, map_gate
         self.device = device or dist_util.dev()
         self.progress = progress
         self.seconds = self._elapsed = 0.0
@@ -221,6 +225,10 @@ class Pipeline:
             chosen = np.flatnonzero(segmented)
             index = torch.as_tensor(chosen, device=self.device)
             part = self.maps(x0.index_select(0, index), [batch.names[i] for i in chosen])
+            if self.map_gate is not None:  # a detected slice whose map shows no clear lesion is not segmented
+                keep = self.map_gate(part[self.method.variants()[0]], batch.images.numpy()[chosen])
+                segmented[chosen[~keep]] = False
+                part = {v: np.where(keep[:, None, None], m, 0.0).astype(np.float32) for v, m in part.items()}
             for variant, values in part.items():
                 maps[variant][chosen] = values
         if self.device.type == "cuda":

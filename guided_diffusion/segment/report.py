@@ -223,7 +223,7 @@ class SliceReport:
         self.out_dir, self.variants, self.n_images = out_dir, list(variants), n_images
         self.shape, self.options, self.grid_images = tuple(shape), options, grid_images
         self.n_scored = self.n_segmented = 0
-        self.probabilities, self.labels = [], []
+        self.probabilities, self.labels, self.segmented = [], [], []
 
     def __enter__(self):
         self._atomic = atomic_directory(self.out_dir)
@@ -247,6 +247,7 @@ class SliceReport:
         if result.tumour_probability is not None:
             self.probabilities.extend(result.tumour_probability)
             self.labels.extend(result.batch.labels)
+            self.segmented.extend(result.segmented)
 
     def finish(self, *, method, settings, seconds, variant_settings=None, threshold=None, volumes_from=None):
         """Close every file, paste volumes (`volumes_from`: (src_dir, split, raw_dir)), write summary.json;
@@ -256,7 +257,7 @@ class SliceReport:
                    "n_segmented": self.n_segmented, "seconds_per_image": seconds / max(self.n_images, 1),
                    "mask_options": self.options.as_dict(), "variants": {}}
         if threshold is not None:
-            summary["detection"] = detection_scores(self.probabilities, self.labels, threshold)
+            summary["detection"] = detection_scores(self.probabilities, self.labels, threshold, self.segmented)
         for variant, writer in self.writers.items():
             result = {"settings": variant_settings.get(variant, {}), **writer.finish()}
             if volumes_from is not None:

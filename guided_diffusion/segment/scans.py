@@ -235,7 +235,7 @@ class ScanWriter:
             row.update(reference_voxels=int(reference.sum()), dice_3d=dice_3d(prediction, reference),
                        hd95_mm=hd95_3d(prediction, reference, spacing))
             records = {"records": evaluate_masks(masks, prepared.masks), "labels": prepared.labels,
-                       "probability": probability}
+                       "probability": probability, "segmented": segmented}
         return row, records
 
 
@@ -256,7 +256,8 @@ def write_overview(path, prepared, maps, masks, count):
     if n == 0:
         order = []
     elif masks.any():
-        order = sorted(np.argsort(-masks.sum((1, 2)), kind="stable")[:count])
+        area = masks.sum((1, 2))
+        order = sorted(i for i in np.argsort(-area, kind="stable")[:count] if area[i] > 0)
     else:
         order = list(range(max(0, n // 2 - count // 2), min(n, n // 2 - count // 2 + count)))
     columns = max(len(order), 1)
@@ -301,7 +302,8 @@ def summarise_scans(rows, slice_records, detection_threshold):
     summary["all_slices"] = summarize(records)
     if slice_records[0]["probability"] is not None:
         probability = np.concatenate([part["probability"] for part in slice_records])
-        summary["detection"] = detection_scores(probability, labels, detection_threshold)
+        segmented = np.concatenate([part["segmented"] for part in slice_records])
+        summary["detection"] = detection_scores(probability, labels, detection_threshold, segmented)
     return summary
 
 

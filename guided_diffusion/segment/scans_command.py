@@ -133,7 +133,8 @@ def main(argv=None):
     if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
         raise UserError(f"--out_dir {args.out_dir}: exists and is not a folder")
     log(f"{args.method}: {len(scans)} scan(s), preprocessed as {dataset_json} ({options.intensity} intensities, "
-        f"{options.image_size} px, channels {', '.join(modalities)}); detection threshold {run.threshold:.3g}")
+        f"{options.image_size} px, channels {', '.join(modalities)}); detection threshold {run.threshold:.3g}, "
+        f"minimum map separability {run.pipeline.map_gate.minimum if run.pipeline.map_gate else 0:.3g}")
     rows, slice_records = [], []
     try:
         with folder_lock(args.out_dir, "--out_dir"), \

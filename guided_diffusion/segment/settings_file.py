@@ -3,7 +3,7 @@
 `scripts/ablation.py` writes selection.json with named choices (`mask_tuned`: best Dice against the
 training masks; `label_free`: chosen without any mask; `mask_tuned_cdm`: the same for CDM), each
 holding Q, R, tau, s and its post-processing, and a `detection` record with the detection threshold
-chosen on the training split's image labels. `apply_settings_file` copies the chosen one onto the
+and the map-separability minimum chosen on the training split's image labels. `apply_settings_file` copies the chosen one onto the
 parsed flags, except the flags typed on the command line, which win; the summary records what was
 used (`applied`).
 """
@@ -54,9 +54,10 @@ def apply_settings_file(args, explicit, fields=None):
     chosen = selection[args.choice]
     values = {k: chosen[k] for k in POINT_FLAGS if k in chosen}
     values.update({k: v for k, v in (chosen.get("postprocessing") or {}).items() if k in POSTPROCESSING_FLAGS})
-    threshold = (selection.get("detection") or {}).get("threshold")
-    if threshold is not None:
-        values["detect_threshold"] = threshold
+    detection = selection.get("detection") or {}
+    for key, flag in (("threshold", "detect_threshold"), ("min_separability", "min_separability")):
+        if detection.get(key) is not None:
+            values[flag] = detection[key]
     applied = {}
     for key, value in values.items():
         if key in explicit or (fields is not None and key not in fields) or not hasattr(args, key):

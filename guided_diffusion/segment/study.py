@@ -22,6 +22,8 @@ import json
 import os
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from ..checkpoint_util import load_classifier, load_model_and_diffusion
 from ..cli import atomic_path, atomic_write_text
 from ..script_util import diffusion_from_config
@@ -195,13 +197,36 @@ def choose_postprocessing(models, slices, point, *, batch_size=32, seed=0, optio
     return best[0], rows
 
 
-def choose_detection(classifier, batches, device):
-    """The detection threshold chosen on `batches` (training slices of both labels) and its scores there."""
-    from .detect import TumourDetector, choose_threshold, detect_all, detection_scores
+def choose_detection(models, batches, device, point, options, *, seed=0):
+    """Detection chosen on `batches` (training slices of both labels), from their image labels alone:
+    the classifier's threshold (best balanced accuracy), then, on the slices it detects, the minimum
+    map separability of `point`'s maps with the mask `options` (`detect.SeparabilityGate`; 0 when the
+    detected slices hold no healthy one). Returns the record saved in selection.json."""
+    from .detect import SeparabilityGate, TumourDetector, choose_threshold, detect_all, detection_scores
+    from .pipeline import Pipeline
 
-    probabilities, labels = detect_all(TumourDetector(classifier), batches, device)
+    model, diffusion, classifier = models
+    detector = TumourDetector(classifier)
+    probabilities, labels = detect_all(detector, batches, device)
     threshold = choose_threshold(probabilities, labels)
-    return {**detection_scores(probabilities, labels, threshold), "n_training_images": len(labels)}
+    record = {**detection_scores(probabilities, labels, threshold), "n_training_images": len(labels)}
+    settings = SaliencySettings(noise_level=point["noise_level"], steps=point["steps"], taus=(point["tau"],),
+                                classifier_scale=point["classifier_scale"], seed=seed)
+    method = CGCDM(settings, model=model, diffusion=diffusion, classifier=classifier)
+    pipeline = Pipeline(method, seed=seed, noise_draws=point.get("noise_draws", 1), detector=detector,
+                        threshold=threshold, device=device, progress=False)
+    gate, scores, detected_labels = SeparabilityGate(0.0, options), [], []
+    for result in pipeline.run(batches):
+        kept = result.segmented
+        (maps,) = result.maps.values()
+        scores.extend(gate.scores(maps[kept], result.batch.images.numpy()[kept]))
+        detected_labels.extend(result.batch.labels[kept])
+    scores, detected_labels = np.asarray(scores), np.asarray(detected_labels)
+    both = (detected_labels == 0).any() and (detected_labels == 1).any()
+    minimum = choose_threshold(scores, detected_labels) if both else 0.0
+    gated = detection_scores(scores, detected_labels, minimum)
+    return record | {"min_separability": minimum, "detected_healthy": int((detected_labels == 0).sum()),
+                     "gate_sensitivity": gated["sensitivity"], "gate_specificity": gated["specificity"]}
 
 
 def selection(rows, postprocessing, postprocessing_rows, n_images, max_steps=None, tolerance=COST_TOLERANCE,

@@ -126,7 +126,8 @@ def ablation_main(argv=None):
     if args.detect_images:
         every = select_slices(args.src_dir, args.split, image_size=size, in_channels=channels, slices="all",
                               max_images=args.detect_images)
-        detection = choose_detection(models[2], SliceBatches(every, args.batch_size), device)
+        detection = choose_detection(models, SliceBatches(every, args.batch_size), device, point, options,
+                                     seed=args.seed)
     chosen = selection(rows, options, option_rows, len(slices), max_steps, args.tolerance, detection)
     chosen.update(model_path=os.path.abspath(ddpm_path), classifier_path=os.path.abspath(classifier_path),
                   src_dir=os.path.abspath(args.src_dir), split=args.split)
