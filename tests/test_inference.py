@@ -303,3 +303,32 @@ def test_kept_freed_memory_does_not_grow_over_repeated_batches():
     assert applied == "True"
     # The peak is reached in the first rounds; afterwards freed blocks are reused, not added to.
     assert max(resident[4:]) - max(resident[:4]) < 2.0, resident
+
+
+# ---------------------------------------------------------------------------------------------
+# The profile of scripts/profile_seg.py
+
+
+def test_profile_counts_each_network_call_and_leaves_the_maps_unchanged():
+    from guided_diffusion.benchmarks import count_flops
+    from guided_diffusion.segment.timing import CdmSettings, profile_cgcdm
+
+    model, diffusion = random_unet()
+    classifier = random_classifier()
+    x0, noise = images(3)
+    y1 = torch.ones(3, dtype=torch.long)
+    state = dict(model=model, diffusion=diffusion, classifier=classifier, x0=x0, noise=noise, y1=y1,
+                 device=torch.device("cpu"))
+    rows, maps = profile_cgcdm(state, CdmSettings(noise_level=30, steps=3, tau=0.0, classifier_scale=10.0))
+    by_phase = {row["phase"].split(" (")[0]: row for row in rows}
+    assert [by_phase[p]["calls"] for p in ("UNet forward", "classifier forward", "classifier backward")] == [3, 3, 3]
+    assert all(row["seconds"] >= 0 for row in rows)
+    with torch.no_grad():
+        one_call, _ = count_flops(lambda: classifier(x0.repeat(2, 1, 1, 1), torch.full((6,), 30)))
+    # Two full calls on both branches and the shared first step's call on the three images.
+    assert by_phase["classifier forward"]["flops"] == pytest.approx(2.5 * one_call, rel=1e-3)
+    # The guidance differentiates for the input only: its backward costs about one forward, not two.
+    assert 0.8 < by_phase["classifier backward"]["flops"] / by_phase["classifier forward"]["flops"] < 1.25
+    expected = saliency.cdm_saliency(model, diffusion, x0, y1, noise_level=30, steps=3, tau=0.0, noise=noise,
+                                     cond_fn=make_classifier_cond_fn(classifier, 10.0))
+    assert np.array_equal(maps, expected)
