@@ -275,15 +275,15 @@ from guided_diffusion.guidance import make_classifier_cond_fn
 from guided_diffusion.inference import prepare_for_inference
 from guided_diffusion.segment.saliency import cdm_saliency
 
-def resident_mib():
+def resident_mib():  # anonymous memory only: code pages of the libraries load lazily
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:")) / 1024
 
 model, diffusion = random_unet(32)
 setup = prepare_for_inference(model, random_classifier(32), device="cpu")
 cond_fn = make_classifier_cond_fn(setup.classifier, 10.0)
 resident = []
-for batch in (12, 7, 12, 7, 12, 7, 12, 7):  # a last, smaller batch as a data set's end gives
+for batch in (12, 7) * 8:  # a last, smaller batch as a data set's end gives
     x0, noise = images(batch, size=32)
     cdm_saliency(setup.model, diffusion, x0, torch.ones(batch, dtype=torch.long), noise_level=30, steps=3, tau=0.0,
                  cond_fn=cond_fn, noise=noise)
@@ -301,8 +301,9 @@ def test_kept_freed_memory_does_not_grow_over_repeated_batches():
     applied, *resident = result.stdout.split()
     resident = [float(r) for r in resident]
     assert applied == "True"
-    # The peak is reached in the first rounds; afterwards freed blocks are reused, not added to.
-    assert max(resident[4:]) - max(resident[:4]) < 2.0, resident
+    # The peak is reached in the first rounds (a few MiB of caches settle later); afterwards freed blocks
+    # are reused, not added to: a batch's activations kept each round would add about 5 MiB per round.
+    assert max(resident[8:]) - max(resident[:8]) < 4.0, resident
 
 
 # ---------------------------------------------------------------------------------------------
