@@ -21,6 +21,7 @@ from collections import defaultdict
 import torch
 
 from .checkpoint_util import load_classifier, load_model_and_diffusion, read_args_json
+from .inference import NetworkWrapper
 from .script_util import (
     classifier_defaults,
     create_classifier,
@@ -147,7 +148,7 @@ class PhaseClock:
         return self.wrap(name, fn)()
 
 
-class TimedModule(torch.nn.Module):
+class TimedModule(NetworkWrapper):
     """A network whose forward calls are timed by a PhaseClock; its other attributes are the network's."""
 
     def __init__(self, net, clock, name):
@@ -157,14 +158,6 @@ class TimedModule(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         return self._call(*args, **kwargs)
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name.startswith("_"):
-                raise
-            return getattr(self._modules["net"], name)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -99,7 +99,19 @@ def reuse_freed_cpu_memory():
     return True
 
 
-class InferenceModel(nn.Module):
+class NetworkWrapper(nn.Module):
+    """A module around `self.net` whose other attributes (num_classes, image_size, ...) are the network's."""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_"):
+                raise
+            return getattr(self._modules["net"], name)
+
+
+class InferenceModel(NetworkWrapper):
     """A network called under autocast with float32 outputs; other attributes are the network's."""
 
     def __init__(self, net, dtype, device_type):
@@ -114,14 +126,6 @@ class InferenceModel(nn.Module):
         with torch.autocast(device_type=self.device_type, dtype=self.autocast_dtype):
             out = self.net(*args, **kwargs)
         return out.float()
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name.startswith("_"):
-                raise
-            return getattr(self._modules["net"], name)
 
 
 @dataclass

@@ -35,21 +35,15 @@ import torch
 from guided_diffusion import benchmarks, dist_util
 from guided_diffusion.cli import UserError, atomic_write_text, run_main
 from guided_diffusion.segment.postprocess import MaskOptions
+from guided_diffusion.volumes import parse_int_list
 from guided_diffusion.segment.timing import CdmSettings, Inputs, Variant, benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def parse_list(text, flag):
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{flag} {text!r}: expected comma-separated integers")
-
-
 def per_size(text, flag, sizes, default):
     """One integer per size from `text`, or `default(size)` for each when it is empty."""
-    values = parse_list(text, flag) if text else [default(size) for size in sizes]
+    values = parse_int_list(text, flag) if text else [default(size) for size in sizes]
     if len(values) != len(sizes):
         raise UserError(f"{flag} {text!r}: give one entry per size of --sizes ({len(sizes)})")
     return values
@@ -113,7 +107,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=0, help="CPU threads per variant (default: torch's)")
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    sizes = parse_list(args.sizes, "--sizes")
+    sizes = parse_int_list(args.sizes, "--sizes")
     counts = per_size(args.images, "--images", sizes, lambda size: 32 if size <= 64 else 2)
     loops = per_size(args.loop_images, "--loop_images", sizes, lambda size: 4 if size <= 64 else 1)
     anomalies = per_size(args.anomaly_images, "--anomaly_images", sizes, lambda size: 0)

@@ -23,16 +23,10 @@ import torch
 from guided_diffusion import benchmarks, dist_util
 from guided_diffusion.cli import UserError, atomic_write_text, run_main
 from guided_diffusion.segment.postprocess import MaskOptions
+from guided_diffusion.volumes import parse_int_list
 from guided_diffusion.segment.timing import CdmSettings, Inputs, load_inputs, profile_cgcdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def parse_list(text, flag):
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{flag} {text!r}: expected comma-separated integers")
 
 
 def main(argv=None):
@@ -49,7 +43,7 @@ def main(argv=None):
     parser.add_argument("--classifier_scale", type=float, default=10.0, help="s (default: 10)")
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    sizes, counts = parse_list(args.sizes, "--sizes"), parse_list(args.images, "--images")
+    sizes, counts = parse_int_list(args.sizes, "--sizes"), parse_int_list(args.images, "--images")
     if len(sizes) != len(counts):
         raise UserError("--sizes and --images need one entry per size")
     if not os.path.isfile(os.path.join(args.models, "ddpm", "args.json")):
