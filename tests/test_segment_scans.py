@@ -78,7 +78,7 @@ def test_an_oblique_flipped_scan_comes_back_on_its_own_grid_with_the_blob_in_pla
     result = BatchResult(batch=batch, maps={"v": maps.astype(np.float32)}, segmented=np.ones(len(maps), bool))
     out = tmp_path / "out"
     out.mkdir()
-    ScanWriter(str(out), MaskOptions(foreground_only=True)).write(prepared, [result], 1.0)
+    ScanWriter(str(out), MaskOptions(foreground_only=True)).write(prepared, [result])
     source = nib.load(path)
     for name, dtype in (("oblique_pred.nii.gz", np.uint8), ("oblique_map.nii.gz", np.float32)):
         written = nib.load(out / name)

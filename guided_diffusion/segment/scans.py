@@ -202,8 +202,9 @@ class ScanWriter:
         self.folder, self.options = folder, options  # options.keep_largest: the largest component only
         self.overview_slices = overview_slices
 
-    def write(self, prepared, results, seconds):
-        """Files of one scan; returns its metrics row and its slice records (for the summary)."""
+    def write(self, prepared, results):
+        """Files of one scan; returns its metrics row (the caller adds its seconds) and its slice records
+        (for the summary; None without a reference)."""
         scan, n = prepared.scan, len(prepared.names)
         size = prepared.images.shape[-1]
         maps = np.concatenate([r.maps[next(iter(r.maps))] for r in results]) if results else np.zeros((0, size, size))
@@ -226,8 +227,7 @@ class ScanWriter:
         write_overview(os.path.join(self.folder, f"{scan.name}_overview.png"), prepared, normalised, masks,
                        self.overview_slices)
         row = {"scan": scan.name, "source": os.path.abspath(source), "slices": n,
-               "segmented_slices": int(segmented.sum()), "predicted_voxels": int(prediction.sum()),
-               "seconds": seconds}
+               "segmented_slices": int(segmented.sum()), "predicted_voxels": int(prediction.sum())}
         records = None
         if prepared.reference is not None:
             reference = reference_lesion(scan.reference, prepared.lesion_labels)  # the source's own grid

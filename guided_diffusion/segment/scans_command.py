@@ -147,7 +147,7 @@ def main(argv=None):
                     log(f"warning: {warning}")
                 results = list(run.pipeline.run(scan_batches(prepared, args.batch_size), desc=scan.name))
                 if main_process:
-                    row, records = writer.write(prepared, results, 0.0)
+                    row, records = writer.write(prepared, results)
                     row["seconds"] = time.perf_counter() - began
                     rows.append(row)
                     if records is not None:
