@@ -147,6 +147,12 @@ def load_canonical(path, warn=None):
     return np.ascontiguousarray(data, dtype=np.float32), affine
 
 
+def lesion_mask(labels, lesion_labels=()):
+    """A label map (any numeric array) as a lesion mask: the `lesion_labels` values, or every nonzero label."""
+    labels = np.rint(np.asarray(labels)).astype(np.int64)
+    return np.isin(labels, lesion_labels) if lesion_labels else labels != 0
+
+
 def find_brats_cases(root, modalities):
     """List BraTS subjects: one folder per subject holding `*_<modality>.nii.gz` and `*_seg.nii.gz`."""
     if not os.path.isdir(root):
@@ -339,8 +345,7 @@ def _read_case(case, options):
             raise UserError(f"{path}: shape {data.shape} differs from {case.images[0]} {shape}")
     if seg.shape != shape:
         raise UserError(f"{case.seg}: mask shape {seg.shape} differs from image {case.images[0]} shape {shape}")
-    labels = np.rint(seg).astype(np.int64)
-    lesion = np.isin(labels, options.lesion_labels) if options.lesion_labels else labels != 0
+    lesion = lesion_mask(seg, options.lesion_labels)
     channels, foreground = normalise_volume(np.stack([data for data, _ in loaded]), options)
     return channels, lesion, foreground
 
@@ -595,8 +600,7 @@ def paste_subject_masks(src_dir, split, names, kinds, folder, raw_dir=None):
         seg_path = subject_rows[0]["seg_source"]
         gt = None
         if seg_path and os.path.isfile(seg_path):
-            seg = np.rint(np.asarray(nib.load(seg_path).dataobj)).astype(np.int64)
-            gt = np.isin(seg, lesion_labels) if lesion_labels else seg != 0
+            gt = lesion_mask(nib.load(seg_path).dataobj, lesion_labels)
         result = {"subject": subject_rows[0]["subject"], "slices_evaluated": len(mine)}
         for suffix, mask_of in kinds.items():
             pasted = paste_slices(mine, {r["file"]: mask_of(r["file"]).astype(np.float32) for r in mine},

@@ -254,6 +254,7 @@ class SegmentationRun:
     classifier_path: str
     detector_path: str
     threshold: float
+    settings_file: dict  # what --settings applied ({} without it)
 
     @property
     def method(self):
@@ -312,10 +313,9 @@ def prepare_run(args, explicit, checked, *, detect, log=print):
     method = create_method(args.method, settings, model=model, diffusion=diffusion, classifier=classifier)
     pipeline = Pipeline(method, seed=args.seed, noise_draws=args.noise_draws, detector=detector,
                         threshold=threshold, map_gate=map_gate, device=device)
-    run = SegmentationRun(pipeline=pipeline, config=config, settings=settings, options=options,
-                          classifier_path=classifier_path or "", detector_path=detector_path, threshold=threshold)
-    run.settings_file = applied
-    return run
+    return SegmentationRun(pipeline=pipeline, config=config, settings=settings, options=options,
+                           classifier_path=classifier_path or "", detector_path=detector_path, threshold=threshold,
+                           settings_file=applied)
 
 
 def variant_settings(args, settings):

@@ -21,8 +21,8 @@ import torch
 
 from ..cli import UserError
 from ..metrics import dice_3d, evaluate_masks, hd95_3d, summarize
-from ..volumes import (BRATS_MODALITIES, SliceOptions, cut_box, cut_image, load_canonical, normalise_volume, paste_slices, resize2d,
-                       save_like, slice_geometry)
+from ..volumes import (BRATS_MODALITIES, SliceOptions, cut_box, cut_image, lesion_mask, load_canonical, normalise_volume,
+                       paste_slices, resize2d, save_like, slice_geometry)
 from .pipeline import ArrayBatches
 from .postprocess import normalize_map, saliency_to_mask
 
@@ -41,7 +41,8 @@ class Scan:
 @dataclass
 class PreparedScan:
     """A scan's model inputs: images (N, C, S, S) in [-1, 1] of the kept axial slices `z`, their names,
-    the crop box, reference slice masks (N, S, S) and the reference volume (canonical grid) when known."""
+    the crop box, reference slice masks (N, S, S) and the reference lesion volume (the scan file's own grid)
+    when known."""
 
     scan: Scan
     images: torch.Tensor
@@ -51,7 +52,6 @@ class PreparedScan:
     masks: np.ndarray = None
     labels: np.ndarray = None
     reference: np.ndarray = None
-    lesion_labels: tuple = ()
     warnings: list = field(default_factory=list)
 
 
@@ -179,11 +179,10 @@ def prepare_scan(scan, options, lesion_labels=()):
     prepared = PreparedScan(scan=scan, images=torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0), z=kept,
                             names=[f"{scan.name}_z{z:03d}" for z in kept], box=box, warnings=warnings)
     if scan.reference:
-        _check_same_grid(scan.reference, nib.load(scan.reference), scan.channels[0], headers[0])
-        labels, _ = load_canonical(scan.reference)
-        labels = np.rint(labels).astype(np.int64)
-        lesion = np.isin(labels, lesion_labels) if lesion_labels else labels != 0
-        prepared.reference, prepared.lesion_labels = lesion, tuple(lesion_labels)
+        reference = nib.load(scan.reference)
+        _check_same_grid(scan.reference, reference, scan.channels[0], headers[0])
+        prepared.reference = lesion_mask(np.asarray(reference.dataobj).reshape(reference.shape[:3]), lesion_labels)
+        lesion = nib.orientations.apply_orientation(prepared.reference, nib.orientations.io_orientation(reference.affine))
         prepared.masks = np.stack([resize2d(cut_box(lesion[:, :, z].astype(np.float32), box), (size, size),
                                             nearest=True) > 0.5 for z in kept]) if kept else np.zeros((0, size, size), bool)
         prepared.labels = np.array([int(lesion[:, :, z].any()) for z in kept])
@@ -230,7 +229,7 @@ class ScanWriter:
                "segmented_slices": int(segmented.sum()), "predicted_voxels": int(prediction.sum())}
         records = None
         if prepared.reference is not None:
-            reference = reference_lesion(scan.reference, prepared.lesion_labels)  # the source's own grid
+            reference = prepared.reference
             spacing = tuple(float(v) for v in reference_image.header.get_zooms()[:3])
             row.update(reference_voxels=int(reference.sum()), dice_3d=dice_3d(prediction, reference),
                        hd95_mm=hd95_3d(prediction, reference, spacing))
@@ -238,13 +237,6 @@ class ScanWriter:
                        "probability": probability, "segmented": segmented}
         return row, records
 
-
-
-def reference_lesion(path, lesion_labels=()):
-    """A reference label map as a lesion mask, in the file's own voxel grid (3-D)."""
-    labels = np.asarray(nib.load(path).dataobj)
-    labels = np.rint(labels.reshape(labels.shape[:3])).astype(np.int64)
-    return np.isin(labels, lesion_labels) if lesion_labels else labels != 0
 
 
 def write_overview(path, prepared, maps, masks, count):
