@@ -30,9 +30,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from . import layouts
 from .cli import UserError, atomic_directory
+from .layouts import VolumeCase  # the converters' case, defined with the layouts that find them
 
-BRATS_MODALITIES = ("flair", "t1", "t1ce", "t2")
+BRATS_MODALITIES = layouts.MODALITIES
 SPLITS = ("training", "validation")
 CLASSES = ("normal", "tumor")
 MANIFEST_NAME = "manifest.csv"
@@ -42,15 +44,6 @@ MANIFEST_FIELDS = (
     "source", "seg_source", "x0", "x1", "y0", "y1",
 )
 MANIFEST_INT_FIELDS = ("slice_index", "lesion_pixels", "x0", "x1", "y0", "y1")
-
-
-@dataclass(frozen=True)
-class VolumeCase:
-    """One subject: one NIfTI path per image channel and its label map."""
-
-    subject: str
-    images: tuple
-    seg: str
 
 
 @dataclass(frozen=True)
@@ -71,12 +64,9 @@ class SliceOptions:
 
 
 def parse_modalities(text):
-    """'flair', 'all' (the four BraTS modalities, in the order flair, t1, t1ce, t2) or a comma list."""
-    names = BRATS_MODALITIES if text.strip().lower() == "all" else [m.strip().lower() for m in text.split(",")]
-    unknown = [m for m in names if m not in BRATS_MODALITIES]
-    if unknown or not names or len(set(names)) != len(names):
-        raise UserError(f"--modality {text!r}: expected one of {', '.join(BRATS_MODALITIES)}, 'all' or a comma list")
-    return tuple(names)
+    """'flair', 'all' (the four BraTS modalities, in the order flair, t1, t1ce, t2) or a comma list; BraTS 2023
+    names (t2f, t1n, t1c, t2w) are read as the canonical flair, t1, t1ce, t2 (see `layouts`)."""
+    return layouts.parse_modalities(text)
 
 
 def parse_int_list(text, flag):
@@ -114,10 +104,18 @@ def _one_line(err):
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
-def _load_nifti(path, warn=None):
+def _load_nifti(path, warn=None, channel=None):
     try:
         img = nib.load(os.fspath(path))
-        data = img.get_fdata(dtype=np.float32)
+        if channel is None:
+            data = img.get_fdata(dtype=np.float32)
+        elif len(img.shape) == 4 and channel < img.shape[3]:
+            data = np.array(img.dataobj[..., channel], dtype=np.float32)  # one channel read, as a writable copy
+        else:
+            raise UserError(f"{path}: expected a 4-D volume with channel {channel} on its 4th axis (a Decathlon "
+                            f"image), got shape {img.shape}")
+    except UserError:
+        raise
     except Exception as err:  # nibabel and gzip raise many kinds for broken files
         raise UserError(f"{path}: cannot read NIfTI volume ({_one_line(err)})") from None
     while data.ndim > 3 and data.shape[-1] == 1:
@@ -134,13 +132,13 @@ def _canonical_ornt(affine):
     return nib.orientations.io_orientation(affine)
 
 
-def load_canonical(path, warn=None):
-    """Read a 3-D NIfTI volume as float32 in closest canonical (RAS+) orientation.
+def load_canonical(path, warn=None, channel=None):
+    """Read a 3-D NIfTI volume (or `channel` of a 4-D one) as float32 in closest canonical (RAS+) orientation.
 
     Returns (array, affine); UserError naming `path` if it cannot be read. NaN and infinite voxels
     read as 0, said through `warn(message)` when given.
     """
-    img, data = _load_nifti(path, warn)
+    img, data = _load_nifti(path, warn, channel)
     ornt = _canonical_ornt(img.affine)
     affine = img.affine @ nib.orientations.inv_ornt_aff(ornt, data.shape)  # shape before reorienting
     data = nib.orientations.apply_orientation(data, ornt)
@@ -153,29 +151,24 @@ def lesion_mask(labels, lesion_labels=()):
     return np.isin(labels, lesion_labels) if lesion_labels else labels != 0
 
 
+def label_values(labels):
+    """The distinct values of a label map (rounded to integers), sorted."""
+    labels = np.rint(np.asarray(labels)).astype(np.int64).ravel()
+    if labels.size and 0 <= labels.min() and labels.max() < 1 << 16:
+        return [int(v) for v in np.flatnonzero(np.bincount(labels))]  # far faster than np.unique on a volume
+    return [int(v) for v in np.unique(labels)]
+
+
+def voxel_geometry(affine, shape):
+    """(voxel size, field of view) in mm along each array axis of a volume with this affine and shape."""
+    spacing = np.sqrt((np.asarray(affine, np.float64)[:3, :3] ** 2).sum(0))
+    return spacing, spacing * np.asarray(shape[:3], np.float64)
+
+
 def find_brats_cases(root, modalities):
-    """List BraTS subjects: one folder per subject holding `*_<modality>.nii.gz` and `*_seg.nii.gz`."""
-    if not os.path.isdir(root):
-        raise UserError(f"--input_dir {root}: no such directory")
-    subjects = sorted(d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
-    if not subjects:
-        raise UserError(f"--input_dir {root}: no subject folders (expected one folder per subject "
-                        f"with *_flair.nii.gz, *_t1.nii.gz, *_t1ce.nii.gz, *_t2.nii.gz, *_seg.nii.gz)")
-    cases = []
-    for subject in subjects:
-        folder = os.path.join(root, subject)
-        names = os.listdir(folder)
-
-        def find(suffix):
-            hits = sorted(n for n in names if n.endswith(f"_{suffix}.nii.gz") or n.endswith(f"_{suffix}.nii"))
-            if not hits:
-                raise UserError(f"{folder}: no *_{suffix}.nii.gz for subject {subject}")
-            if len(hits) > 1:
-                raise UserError(f"{folder}: several *_{suffix}.nii.gz files ({', '.join(hits)})")
-            return os.path.join(folder, hits[0])
-
-        cases.append(VolumeCase(subject, tuple(find(m) for m in modalities), find("seg")))
-    return cases
+    """List the subjects of a BraTS 2020/2021, BraTS 2023+ or Decathlon Task01 folder (see `layouts`); each
+    case's `scheme` names its layout, whose label values `export_slice_dataset` checks."""
+    return layouts.find_cases(root, tuple(modalities))
 
 
 def find_btcv_cases(root):
@@ -335,10 +328,20 @@ def cut_image(channels, box, z, size):
     return np.stack([to_uint8(resize2d(cut_box(c[:, :, z], box), (size, size))) for c in channels])
 
 
-def _read_case(case, options):
-    """Load a case's channels (normalised to [0, 1]), lesion mask and brain footprint."""
-    loaded = [load_canonical(p) for p in case.images]
+def _read_case(case, options, facts=None):
+    """Load a case's channels (normalised to [0, 1]), lesion mask and brain footprint.
+
+    The label values are checked against the case's layout (`case.scheme`, when set); `facts`, if given,
+    gets the voxel size and field of view in mm (canonical axes) and the label values found."""
+    channel_index = getattr(case, "channel_index", ()) or (None,) * len(case.images)
+    loaded = [load_canonical(p, channel=c) for p, c in zip(case.images, channel_index)]
     seg, _ = load_canonical(case.seg)
+    found = label_values(seg)
+    if getattr(case, "scheme", ""):
+        layouts.check_label_values(found, case.scheme, case.seg)
+    if facts is not None:
+        spacing, fov = voxel_geometry(loaded[0][1], loaded[0][0].shape)
+        facts.update(voxel_mm=spacing.tolist(), fov_mm=fov.tolist(), label_values=found)
     shape = loaded[0][0].shape
     for path, (data, _) in zip(case.images[1:], loaded[1:]):
         if data.shape != shape:
@@ -366,9 +369,10 @@ def _write_slice(path_stem, image, image_format):
     return os.path.basename(name)
 
 
-def export_case(case, split, options, out_root):
-    """Write the usable slices of one case under out_root/split and return their manifest rows."""
-    channels, lesion, foreground = _read_case(case, options)
+def export_case(case, split, options, out_root, facts=None):
+    """Write the usable slices of one case under out_root/split and return their manifest rows (`facts`: see
+    `_read_case`)."""
+    channels, lesion, foreground = _read_case(case, options, facts)
     size = options.image_size
     box, kept = slice_geometry(foreground, options)
     rows = []
@@ -399,7 +403,22 @@ def _export_job(job):
     info = None
     if stage is not None:
         case, info = stage(case, root)
-    return case.subject, export_case(case, split, options, root), info
+    facts = {}
+    return case.subject, export_case(case, split, options, root, facts), info, facts
+
+
+def _geometry_range(facts):
+    """dataset.json's "geometry": the smallest and largest voxel size and field of view (mm, canonical x, y, z)
+    over the subjects, which `segment.scan_checks` compares scans with."""
+    def extent(key):
+        values = np.array([f[key] for f in facts], np.float64)
+        return {"min": np.round(values.min(0), 4).tolist(), "max": np.round(values.max(0), 4).tolist()}
+
+    return {"voxel_mm": extent("voxel_mm"), "fov_mm": extent("fov_mm")}
+
+
+def _labels_found(facts):
+    return sorted({v for f in facts for v in f["label_values"]})
 
 
 def _final_path(path, tmp, final):
@@ -428,8 +447,14 @@ def _check_output_dir(out_root):
 
 
 def export_slice_dataset(cases, out_root, options, *, input_dir, val_fraction=0.1, seed=0, workers=1,
-                         extra_settings=None, stage=None):
+                         extra_settings=None, stage=None, split_of=None, labels_flag=None):
     """Write the whole slice layout for `cases` to `out_root`; return {split: {label: count}}.
+
+    labels_flag: the flag that chose `options.lesion_labels` (e.g. "--region et"); given, it is a UserError
+    naming it when none of those labels occurs in any label map. dataset.json records the label values
+    found and the range of voxel sizes and fields of view ("geometry").
+
+    split_of: {subject: split} where the caller splits the subjects itself (default: `split_subjects`).
 
     Subjects are split (never shared between splits), each split's slices written, and the
     manifest and settings saved. All of it goes to a temporary folder first, so on any error
@@ -444,20 +469,37 @@ def export_slice_dataset(cases, out_root, options, *, input_dir, val_fraction=0.
     """
     out_root = os.path.abspath(out_root)
     _check_output_dir(out_root)
-    split_of = split_subjects([c.subject for c in cases], val_fraction, seed)
+    split_of = split_of or split_subjects([c.subject for c in cases], val_fraction, seed)
     with atomic_directory(out_root) as tmp:
         for split in SPLITS:
             for sub in CLASSES + ("seg",):
                 os.makedirs(os.path.join(tmp, split, sub))
         jobs = [(case, split_of[case.subject], options, tmp, stage) for case in cases]
-        rows, staged = [], {}
+        rows, staged, facts = [], {}, []
         progress = dict(total=len(jobs), desc="subjects", unit="subject")
 
+        def check_lesion_labels():
+            found = _labels_found(facts)
+            if labels_flag and options.lesion_labels and not set(options.lesion_labels) & set(found):
+                raise UserError(f"{labels_flag}: label value(s) {', '.join(map(str, options.lesion_labels))} occur "
+                                f"in no label map under {os.path.abspath(input_dir)} (found "
+                                f"{', '.join(map(str, found))}); nothing written")
+
         def collect(results):
-            for subject, case_rows, info in tqdm(results, **progress):
-                rows.extend(case_rows)
-                if stage is not None:
-                    staged[subject] = info
+            bar = tqdm(**progress)  # updated by hand: a bar iterating `results` closes itself, kept, on an error
+            try:
+                for subject, case_rows, info, case_facts in results:
+                    rows.extend(case_rows)
+                    facts.append(case_facts)
+                    if stage is not None:
+                        staged[subject] = info
+                    bar.update(1)
+                check_lesion_labels()  # while the bar is up, so that it is erased on an error
+            except BaseException:
+                bar.leave = False  # erase the bar, so that an error is the one line the user sees
+                raise
+            finally:
+                bar.close()
 
         if workers > 1:
             with ProcessPoolExecutor(workers) as pool:
@@ -483,7 +525,8 @@ def export_slice_dataset(cases, out_root, options, *, input_dir, val_fraction=0.
         settings = dict(
             input_dir=input_dir, input_dir_relative=os.path.relpath(input_dir, out_root), options=asdict(options),
             val_fraction=val_fraction, seed=seed,
-            counts=counts,
+            counts=counts, label_values=_labels_found(facts),
+            **({"geometry": _geometry_range(facts)} if facts else {}),
             subjects={s: sorted(k for k, v in split_of.items() if v == s) for s in SPLITS},
             **({"cases": staged} if stage is not None else {}),
             **(extra_settings or {}),
@@ -620,7 +663,9 @@ def save_like(data, reference, path):
     so a viewer overlays it on the reference."""
     header = reference.header.copy()
     header.set_data_dtype(data.dtype)
-    image = nib.Nifti1Image(data.reshape(reference.shape), reference.affine, header)
+    # a 4-D reference (a Decathlon image, every channel on one grid) gives its 3-D grid
+    shape = reference.shape if data.size == np.prod(reference.shape) else reference.shape[:3]
+    image = nib.Nifti1Image(data.reshape(shape), reference.affine, header)
     image.header.set_slope_inter(1.0, 0.0)
     for form in ("qform", "sform"):
         matrix, code = getattr(reference, f"get_{form}")(coded=True)
