@@ -12,7 +12,8 @@ outputs (see `segment.report`) are written batch by batch into a temporary folde
 --out_dir only once every file is written. Several taus (--tau 0.95,0.5,0) run in one pass: every
 tau shares branch A, and each gets its own sub-folder tau_<value>/. Under torchrun or mpiexec the
 batches are shared between the processes and rank 0 writes the outputs. --settings applies the
-settings the ablation chose (selection.json); typed flags win.
+settings the ablation chose (selection.json); --model_dir takes the models, the settings and the
+method from a model folder (`model_folder`); typed flags win.
 
 This is the only segmentation module that speaks in flags: library errors (ValueError naming a
 parameter) are reported here as one line naming the flag.
@@ -31,6 +32,7 @@ from ..cli import ArgumentParser, UserError, add_flags, explicit_flags, require_
 from ..datasets import check_fold_size
 from ..implicit_inputs import checkpoint_from_dir, original_data_dir
 from ..inference import add_inference_flags, prepare_for_inference
+from ..model_folder import apply_model_dir
 from ..run_lock import folder_lock
 from ..script_util import FLAG_ALIASES, FLAG_HELP, classifier_defaults, diffusion_from_config, model_and_diffusion_defaults
 from .cam import gap_linear_head
@@ -51,7 +53,7 @@ def segmentation_defaults():
         noise_level=0.1, steps=10, stride=1, tau="0.95", classifier_scale=10.0, healthy_label=0,
         clip_denoised=True, abs_map=False, smooth_sigma=0.0, foreground_only=False, positive_part=False,
         seed=0, grid_images=8, volumes=False, raw_dir="", slices="tumor", detect_threshold=-1.0,
-        detector_path="", min_separability=-1.0, noise_draws=1, settings="", choice="mask_tuned",
+        detector_path="", min_separability=-1.0, noise_draws=1, settings="", choice="mask_tuned", model_dir="",
     )
 
 
@@ -82,6 +84,9 @@ HELP = {
                 "and the detection threshold; typed flags override it",
     "choice": "which choice of --settings: mask_tuned (best Dice on the training masks), label_free "
               "(chosen without masks) or mask_tuned_cdm",
+    "model_dir": "model folder of scripts/export_model.py or train_recipe.py: its weights, configuration, "
+                 "preprocessing, selection.json, method and choice, each unless its flag is typed (--model_path, "
+                 "--classifier_path, --dataset_json, --settings, --choice, --method and the method flags win)",
     "raw_dir": "with --volumes: where the raw NIfTI volumes of the dataset are now, if they moved since "
                "the dataset was prepared (default: where dataset.json says)",
     "fold": "evaluate fold k (also -f): part k of --num_folds contiguous parts of the sorted tumour slices, "
@@ -262,7 +267,8 @@ class SegmentationRun:
 
     def summary_settings(self, args, **extra):
         """The settings summary.json records."""
-        values = {"model_path": args.model_path, "classifier_path": self.classifier_path, "seed": args.seed,
+        values = {"model_dir": os.path.abspath(args.model_dir) if getattr(args, "model_dir", "") else "",
+                  "model_path": args.model_path, "classifier_path": self.classifier_path, "seed": args.seed,
                   "noise_draws": args.noise_draws, "precision": args.precision, "compile": args.compile,
                   "world_size": dist_util.get_world_size(), **extra}
         if METHODS[args.method].uses_ddpm:
@@ -278,8 +284,12 @@ class SegmentationRun:
 
 
 def check_flags(args, explicit):
-    """--settings applied, then every flag checked, before any input is read: (settings, options, applied)."""
+    """--model_dir and --settings applied, then every flag checked, before any input is read:
+    (settings, options, applied). `applied` also says where the settings came from (`source`)."""
+    from_folder = apply_model_dir(args, explicit)
     applied = apply_settings_file(args, explicit)
+    if applied:
+        applied["source"] = (f"--model_dir {args.model_dir}" if "settings" in from_folder else "--settings")
     return (*build_settings(args), applied)
 
 
@@ -304,7 +314,8 @@ def prepare_run(args, explicit, checked, *, detect, log=print):
     if args.method == "cam" and gap_linear_head(classifier) is None:
         log("cam: the classifier head is not GAP + linear, so CAM is computed in its gradient form (Grad-CAM)")
     if applied:
-        log(f"--settings {args.settings} ({args.choice}): " +
+        source = "" if applied.get("source", "--settings") == "--settings" else f" from {applied['source']}"
+        log(f"--settings {args.settings} ({args.choice}){source}: " +
             ", ".join(f"{k} {v}" for k, v in applied["applied"].items()))
     if model is not None:  # a CAM method hooks the raw classifier's layers, so only the diffusion methods change
         setup = prepare_for_inference(model, classifier, precision=args.precision, compile=args.compile, device=device)

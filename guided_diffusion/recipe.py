@@ -1,0 +1,592 @@
+"""`scripts/train_recipe.py`: from a folder of raw subjects to a model folder, one stage after another.
+
+    prepare     scripts/prepare_brats.py          raw subjects -> WORK/slices (the 2-D slice layout)
+    ddpm        scripts/train_tumor_ddfm.py       the class-conditional DDPM -> WORK/ddpm
+    classifier  scripts/classifier_tumor_train.py the noise-conditioned classifier -> WORK/classifier
+    ablation    scripts/ablation.py               the settings, chosen on the training split -> WORK/ablation
+    validate    scripts/image_p_seg.py            those settings on the validation split -> WORK/validation
+    export      scripts/export_model.py           the model folder (--out_dir, default WORK/model)
+
+Each stage is a subprocess of the existing script; its exact command is printed first, so it can be
+rerun by hand. A stage whose output is complete is skipped (the training runs: the completion record
+of their last step; the others: their output, made by the same command, recorded in WORK/stages/),
+and the training runs continue from their newest complete checkpoint (`--resume_checkpoint auto`),
+so rerunning the same recipe command after an interruption resumes it. Ctrl-C or SIGTERM stops the
+running stage as that script stops (a training run saves the step it is on) and the recipe exits with
+its status.
+
+The presets: `cpu`, the demo recipe of scripts/train_demo.py (64 px, small networks, 1800 + 700 steps;
+about 80 minutes on 2 CPU cores for the demo data), and `paper`, the paper's 256 px and network widths
+(128 channels, 3 residual blocks), for a GPU. Every setting can be changed: the named flags, or any flag of
+a stage's script through --prepare_flags, --ddpm_flags, --classifier_flags, --ablation_flags,
+--validate_flags (they win over the preset).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from .cli import ArgumentParser, Stopped, Terminated, UserError, atomic_write_text, str2bool
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.join(ROOT, "scripts")
+MIN_SUBJECTS = 4  # the smallest data set the recipe trains on: at least 3 to learn from and 1 to check on
+
+PRESETS = {
+    "cpu": {
+        "prepare": dict(modality="flair", image_size=64, min_tumor_pixels=5, val_fraction=0.15, seed=0),
+        "ddpm": dict(dataset="brats", num_channels=32, num_res_blocks=1, channel_mult="1,2,2,2",
+                     attention_resolutions="16,8", num_heads=4, class_cond=True, diffusion_steps=4000,
+                     noise_schedule="linear", lr=2e-4, batch_size=16, ema_rate="0.999", log_interval=50, seed=0,
+                     max_noise_level=0.25, save_interval=300, max_steps=1800),
+        "classifier": dict(dataset="brats", model_type="encoder", classifier_width=32, classifier_depth=1,
+                           classifier_attention_resolutions="16,8", classifier_num_head_channels=32,
+                           classifier_pool="attention", lr=3e-4, batch_size=32, log_interval=50, eval_interval=200,
+                           seed=0, max_noise_level=0.25, max_steps=700),
+        "ablation": dict(max_images=16, batch_size=16, record_steps="1,2,5,10,20,30"),
+        "validate": dict(batch_size=32, max_images=0),
+    },
+    "paper": {
+        "prepare": dict(modality="flair", image_size=256, min_tumor_pixels=10, val_fraction=0.2, seed=0),
+        "ddpm": dict(dataset="brats", num_channels=128, num_res_blocks=3, attention_resolutions="32,16,8",
+                     num_heads=4, learn_sigma=True, class_cond=True, diffusion_steps=4000, noise_schedule="linear",
+                     lr=1e-4, batch_size=4, ema_rate="0.9999", log_interval=100, seed=0, max_noise_level=0.25,
+                     save_interval=5000, max_steps=100000),
+        "classifier": dict(dataset="brats", model_type="encoder", classifier_width=128, classifier_depth=2,
+                           classifier_attention_resolutions="32,16,8", classifier_num_head_channels=64, lr=3e-4,
+                           batch_size=8, anneal_lr=True, log_interval=100, eval_interval=1000, save_interval=5000,
+                           seed=0, max_noise_level=0.25, max_steps=20000),
+        "ablation": dict(max_images=32, batch_size=16),
+        "validate": dict(batch_size=16, max_images=0),
+    },
+}
+FLAG_STAGES = ("prepare", "ddpm", "classifier", "ablation", "validate")
+
+
+def parse_stage_flags(text, option):
+    """'--lr 1e-4 --clip_percentiles 0.5 99.5 --switch' -> {'lr': '1e-4', 'clip_percentiles': ['0.5', '99.5'],
+    'switch': None}; UserError naming `option` for anything else."""
+    try:
+        tokens = shlex.split(text or "")
+    except ValueError as err:
+        raise UserError(f"{option} {text!r}: {err}") from None
+    flags, current = {}, None
+    for token in tokens:
+        if token.startswith("--") and len(token) > 2:
+            name, _, value = token[2:].partition("=")
+            current = name.replace("-", "_")
+            flags[current] = value if value else None
+        elif current is None:
+            raise UserError(f"{option} {text!r}: {token!r} follows no --flag")
+        elif flags[current] is None:
+            flags[current] = token
+        else:
+            previous = flags[current]
+            flags[current] = (previous if isinstance(previous, list) else [previous]) + [token]
+    return flags
+
+
+def flag_tokens(flags):
+    tokens = []
+    for name, value in flags.items():
+        tokens.append(f"--{name}")
+        if value is None:
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        tokens += [str(v) for v in values]
+    return tokens
+
+
+@dataclass
+class Stage:
+    name: str
+    script: str
+    flags: dict
+    output: str  # what the stage makes: its folder or file
+    complete: object  # () -> bool: the output is there and complete
+    recorded: bool = True  # a stage without its own completion record: done when WORK/stages/<name>.json agrees
+    details: dict = field(default_factory=dict)  # a training run's steps, EMA rates and batch size
+
+    @property
+    def command(self):
+        return [sys.executable, os.path.join(SCRIPTS, self.script), *flag_tokens(self.flags)]
+
+
+def marker_path(work_dir, name):
+    return os.path.join(work_dir, "stages", f"{name}.json")
+
+
+def read_marker(work_dir, name):
+    try:
+        with open(marker_path(work_dir, name)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_marker(work_dir, stage):
+    record = {"command": stage.command[1:], "finished": datetime.datetime.now().isoformat(timespec="seconds")}
+    atomic_write_text(marker_path(work_dir, stage.name), json.dumps(record, indent=1) + "\n")
+
+
+def stage_done(work_dir, stage):
+    if not stage.complete():
+        return False
+    if not stage.recorded:
+        return True
+    marker = read_marker(work_dir, stage.name)
+    return marker is not None and marker.get("command") == stage.command[1:]
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+
+
+def create_argparser():
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input_dir", default="",
+                        help="raw subjects: whatever scripts/prepare_brats.py reads (one folder per subject)")
+    source.add_argument("--prepared_dir", default="",
+                        help="a slice dataset prepared already (prepare_brats.py or make_demo_data.py): no "
+                             "prepare stage")
+    p.add_argument("--work_dir", default="runs/recipe", help="where every stage's output goes (default: %(default)s)")
+    p.add_argument("--out_dir", default="", help="the model folder (default: WORK_DIR/model)")
+    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
+                   help="cpu: the demo recipe (64 px, small networks); paper: 256 px and the paper's network "
+                        "widths, for a GPU (default: %(default)s)")
+    p.add_argument("--image_size", type=int, default=0, help="slice side in pixels (default: the preset's: 64, 256)")
+    p.add_argument("--modality", default="", help="modalities of the slices, as prepare_brats.py (default: flair)")
+    p.add_argument("--val_fraction", type=float, default=-1.0,
+                   help="fraction of subjects for validation (default: the preset's: 0.15, 0.2)")
+    p.add_argument("--ddpm_steps", type=int, default=0,
+                   help="DDPM training steps (default: the preset's: 1800, 100000)")
+    p.add_argument("--classifier_steps", type=int, default=0,
+                   help="classifier training steps (default: the preset's: 700, 20000)")
+    p.add_argument("--ddpm_batch_size", type=int, default=0, help="DDPM batch size (default: the preset's: 16, 4)")
+    p.add_argument("--classifier_batch_size", type=int, default=0,
+                   help="classifier batch size (default: the preset's: 32, 8)")
+    for stage, script in zip(FLAG_STAGES, ("prepare_brats.py", "train_tumor_ddfm.py", "classifier_tumor_train.py",
+                                           "ablation.py", "image_p_seg.py")):
+        p.add_argument(f"--{stage}_flags", default="", metavar="FLAGS",
+                       help=f"more flags of scripts/{script}, in quotes; they win over the preset's")
+    p.add_argument("--ddpm_weights", default="ema", choices=("ema", "raw"),
+                   help="the DDPM weights the model folder gets: its EMA (the first --ema_rate) or the raw ones "
+                        "(default: %(default)s)")
+    p.add_argument("--validate", type=str2bool, default=True,
+                   help="segment the validation split with the chosen settings; the scores go into the model card "
+                        "(default: True)")
+    p.add_argument("--half", type=str2bool, default=False,
+                   help="store the model folder's weights in float16 (default: False)")
+    p.add_argument("--estimate", type=str2bool, default=True,
+                   help="measure the networks' throughput on this machine and print each stage's time first "
+                        "(default: True)")
+    p.add_argument("--dry_run", type=str2bool, default=False,
+                   help="print the stages' commands (and the estimate) and stop (default: False)")
+    return p
+
+
+def stage_settings(args):
+    """{stage: flags} of the preset with the named flags and the --<stage>_flags applied."""
+    preset = PRESETS[args.preset]
+    settings = {stage: dict(preset[stage]) for stage in FLAG_STAGES}
+    named = {"prepare": dict(image_size=args.image_size or None, modality=args.modality or None,
+                             val_fraction=args.val_fraction if args.val_fraction >= 0 else None),
+             "ddpm": dict(max_steps=args.ddpm_steps or None, batch_size=args.ddpm_batch_size or None),
+             "classifier": dict(max_steps=args.classifier_steps or None, batch_size=args.classifier_batch_size or None)}
+    for stage, values in named.items():
+        settings[stage].update({k: v for k, v in values.items() if v is not None})
+    for stage in FLAG_STAGES:
+        settings[stage].update(parse_stage_flags(getattr(args, f"{stage}_flags"), f"--{stage}_flags"))
+    return settings
+
+
+def _number(flags, key, stage, kind=int):
+    try:
+        return kind(flags[key])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"--{stage}_flags: --{key} {flags.get(key)!r} is not a number") from None
+
+
+def build_stages(args):
+    """The stages in order, with their commands and completion checks."""
+    from .train.checkpoints import checkpoint_files
+    from .train.loop import parse_ema_rates
+    from .volumes import parse_modalities
+
+    settings = stage_settings(args)
+    work = args.work_dir
+    out_dir = args.out_dir or os.path.join(work, "model")
+    slices = args.prepared_dir or os.path.join(work, "slices")
+    prepare = settings["prepare"]
+    modalities = parse_modalities(str(prepare.get("modality", "flair")))
+    image_size = _number(prepare, "image_size", "prepare")
+    stages = []
+    if not args.prepared_dir:
+        prepare.update(input_dir=args.input_dir, out_dir=slices)
+        stages.append(Stage("prepare", "prepare_brats.py", prepare, slices,
+                            complete=lambda: os.path.isfile(os.path.join(slices, "dataset.json"))))
+    ddpm_dir, classifier_dir = os.path.join(work, "ddpm"), os.path.join(work, "classifier")
+    ddpm = {**settings["ddpm"], "image_size": settings["ddpm"].get("image_size", image_size),
+            "in_channels": settings["ddpm"].get("in_channels", len(modalities))}
+    ddpm.update(src_dir=slices, save_dir=ddpm_dir, resume_checkpoint="auto")
+    classifier = {**settings["classifier"], "src_dir": slices, "save_dir": classifier_dir,
+                  "diffusion_config": os.path.join(ddpm_dir, "args.json"), "resume_checkpoint": "auto"}
+    ddpm_steps, classifier_steps = _number(ddpm, "max_steps", "ddpm"), _number(classifier, "max_steps", "classifier")
+    if ddpm_steps < 1 or classifier_steps < 1:
+        raise UserError("--ddpm_steps and --classifier_steps must be at least 1: the recipe trains to a final step")
+    ddpm_rates = parse_ema_rates(ddpm.get("ema_rate") or "")
+    classifier_rates = parse_ema_rates(classifier.get("ema_rate") or "")
+    ddpm_files = checkpoint_files(ddpm_dir, ddpm_steps, ddpm_rates)
+    classifier_files = checkpoint_files(classifier_dir, classifier_steps, classifier_rates)
+    if args.ddpm_weights == "ema" and not ddpm_rates:
+        raise UserError("--ddpm_weights ema: the DDPM is trained without an EMA (--ema_rate is empty); give "
+                        "--ddpm_flags '--ema_rate 0.9999' or --ddpm_weights raw")
+    ddpm_weights = ddpm_files["ema"][ddpm_rates[0]] if args.ddpm_weights == "ema" else ddpm_files["model"]
+    # a classifier trained with an EMA is used through it too; without one, its raw weights
+    classifier_weights = classifier_files["ema"][classifier_rates[0]] if classifier_rates else classifier_files["model"]
+    stages.append(Stage("ddpm", "train_tumor_ddfm.py", ddpm, ddpm_weights, recorded=False,
+                        complete=lambda: os.path.isfile(ddpm_files["record"]),
+                        details=dict(steps=ddpm_steps, rates=ddpm_rates, batch=_number(ddpm, "batch_size", "ddpm"))))
+    stages.append(Stage("classifier", "classifier_tumor_train.py", classifier, classifier_weights, recorded=False,
+                        complete=lambda: os.path.isfile(classifier_files["record"]),
+                        details=dict(steps=classifier_steps, rates=classifier_rates,
+                                     batch=_number(classifier, "batch_size", "classifier"))))
+    ablation_dir = os.path.join(work, "ablation")
+    selection = os.path.join(ablation_dir, "selection.json")
+    ablation = {**settings["ablation"], "model_path": ddpm_weights, "classifier_path": classifier_weights,
+                "src_dir": slices, "split": "training", "out_dir": ablation_dir}
+    stages.append(Stage("ablation", "ablation.py", ablation, selection, complete=lambda: os.path.isfile(selection)))
+    export = {"ddpm": ddpm_weights, "ddpm_weights": args.ddpm_weights, "classifier": classifier_weights,
+              "classifier_weights": "ema" if classifier_rates else "raw", "dataset_json": slices,
+              "selection": selection, "half": args.half, "out_dir": out_dir}
+    if args.validate:
+        validation_dir = os.path.join(work, "validation")
+        summary = os.path.join(validation_dir, "summary.json")
+        validate = {"method": "cg-cdm", **settings["validate"], "src_dir": slices, "split": "validation",
+                    "model_path": ddpm_weights, "classifier_path": classifier_weights, "settings": selection,
+                    "out_dir": validation_dir}
+        stages.append(Stage("validate", "image_p_seg.py", validate, summary, complete=lambda: os.path.isfile(summary)))
+        export["validation"] = summary
+    model_card = os.path.join(out_dir, "model.json")
+    stages.append(Stage("export", "export_model.py", export, out_dir, complete=lambda: os.path.isfile(model_card)))
+    return stages, slices, modalities
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks of the data
+
+
+def _too_small(where, counts, val_fraction=None):
+    total = sum(counts.values())
+    training, validation = counts.get("training", 0), counts.get("validation", 0)
+    if total >= MIN_SUBJECTS and validation >= 1 and training >= MIN_SUBJECTS - 1:
+        return
+    split = f" with --val_fraction {val_fraction:g}" if val_fraction is not None else ""
+    raise UserError(f"{where}: {total} subject(s), {training} for training and {validation} for validation{split}; "
+                    f"the recipe needs at least {MIN_SUBJECTS} subjects, {MIN_SUBJECTS - 1} to train on and 1 to "
+                    f"validate on")
+
+
+def check_raw_subjects(input_dir, modalities, val_fraction, seed):
+    """Refuse raw data too small to train on, before anything runs. Folders that are not BraTS-style
+    subjects (another layout prepare_brats.py reads) are counted after the prepare stage instead."""
+    from .volumes import find_brats_cases, split_subjects
+
+    if not os.path.isdir(input_dir):
+        raise UserError(f"--input_dir {input_dir}: no such directory")
+    folders = [d for d in os.listdir(input_dir) if not d.startswith(".") and os.path.isdir(os.path.join(input_dir, d))]
+    if not folders:
+        raise UserError(f"--input_dir {input_dir}: no subjects (expected one folder per subject, as "
+                        f"scripts/prepare_brats.py reads); the recipe needs at least {MIN_SUBJECTS}")
+    try:
+        cases = find_brats_cases(input_dir, modalities)
+    except UserError:
+        return None  # not (only) BraTS-style subject folders: prepare_brats.py reads or refuses them
+    split = split_subjects([c.subject for c in cases], val_fraction, seed)
+    counts = {s: sum(v == s for v in split.values()) for s in ("training", "validation")}
+    _too_small(f"--input_dir {input_dir}", counts, val_fraction)
+    return counts
+
+
+def check_prepared(slices, where):
+    """Refuse a prepared dataset too small to train on (from its dataset.json's subjects); `where` names
+    it in the message. Returns the subjects per split and the validation tumour slices, or None."""
+    from .volumes import read_settings
+
+    settings = read_settings(slices)
+    subjects = settings.get("subjects")
+    if not isinstance(subjects, dict):
+        return None  # a hand-made layout: the training scripts check its images
+    counts = {s: len(v) for s, v in subjects.items()}
+    _too_small(where, counts)
+    validation = (settings.get("counts") or {}).get("validation") or {}
+    return {**counts, "validation_tumor_slices": validation.get("tumor", 0)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The estimate
+
+
+def _typed(defaults, flags):
+    """The flags that are network or diffusion settings, with the type of their default."""
+    typed = {}
+    for key, value in flags.items():
+        if key not in defaults or value is None or isinstance(value, list):
+            continue
+        default = defaults[key]
+        if isinstance(default, bool):
+            typed[key] = str2bool(value) if isinstance(value, str) else bool(value)
+        elif isinstance(default, (int, float)) and not isinstance(value, (int, float)):
+            typed[key] = type(default)(float(value)) if isinstance(default, int) else float(value)
+        else:
+            typed[key] = value
+    return typed
+
+
+def _timed(step, device, repeats=1):
+    import torch
+
+    step()  # warm-up: allocation, kernel choice
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    began = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - began) / repeats
+
+
+def measure_throughput(ddpm_flags, classifier_flags):
+    """Measured on this machine with random inputs, after one warm-up step: images per second of a DDPM
+    and a classifier training step, and seconds per image of one guided denoising pass (the UNet on both
+    branches, the classifier's gradient). Returns (rates, device name, batch sizes used)."""
+    import torch
+    import torch.nn.functional as F
+
+    from .script_util import (classifier_and_diffusion_defaults, classifier_defaults, create_classifier,
+                              create_model_and_diffusion, model_and_diffusion_defaults)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ddpm_config = {**model_and_diffusion_defaults(), **_typed(model_and_diffusion_defaults(), ddpm_flags)}
+    classifier_config = {**classifier_and_diffusion_defaults(),
+                         **_typed(classifier_and_diffusion_defaults(), classifier_flags),
+                         **{k: ddpm_config[k] for k in ("image_size", "in_channels", "num_classes")}}
+    torch.manual_seed(0)
+    model, diffusion = create_model_and_diffusion(**ddpm_config)
+    classifier = create_classifier(**{k: classifier_config[k] for k in classifier_defaults()})
+    model.to(device).train()
+    classifier.to(device).train()
+    # full batches on a GPU (small ones leave it idle); on a CPU the time grows with the images, so fewer do
+    ddpm_batch = int(float(ddpm_flags.get("batch_size", 8)))
+    classifier_batch = int(float(classifier_flags.get("batch_size", 8)))
+    if device.type == "cpu":
+        ddpm_batch, classifier_batch = min(ddpm_batch, 2), min(classifier_batch, 2)
+    size, channels = ddpm_config["image_size"], ddpm_config["in_channels"]
+    t_max = max(1, int(diffusion.num_timesteps * float(ddpm_flags.get("max_noise_level", 1.0))))
+
+    def batch(n):
+        x = torch.randn(n, channels, size, size, device=device)
+        return x, torch.randint(0, 2, (n,), device=device), torch.randint(0, t_max, (n,), device=device)
+
+    ddpm_opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    classifier_opt = torch.optim.AdamW(classifier.parameters(), lr=1e-4)
+    x, y, t = batch(ddpm_batch)
+
+    def ddpm_step():
+        ddpm_opt.zero_grad()
+        diffusion.training_losses(model, x, t, model_kwargs={"y": y})["loss"].mean().backward()
+        ddpm_opt.step()
+
+    xc, yc, tc = batch(classifier_batch)
+
+    def classifier_step():
+        classifier_opt.zero_grad()
+        F.cross_entropy(classifier(diffusion.q_sample(xc, tc), tc), yc).backward()
+        classifier_opt.step()
+
+    model.eval()
+    classifier.eval()
+    xg, yg, tg = batch(ddpm_batch)
+
+    def guided_pass():
+        with torch.no_grad():
+            model(torch.cat([xg, xg]), torch.cat([tg, tg]), y=torch.cat([yg, 1 - yg]))
+        inputs = xg.detach().requires_grad_(True)
+        log_probs = F.log_softmax(classifier(inputs, tg), dim=-1)
+        torch.autograd.grad(log_probs[range(len(yg)), yg].sum(), inputs)
+
+    model.train()
+    classifier.train()
+    rates = {"ddpm_images_per_s": ddpm_batch / _timed(ddpm_step, device),
+             "classifier_images_per_s": classifier_batch / _timed(classifier_step, device)}
+    model.eval()
+    classifier.eval()
+    rates["guided_pass_s_per_image"] = _timed(guided_pass, device) / ddpm_batch
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    return rates, name, (ddpm_batch, classifier_batch)
+
+
+def ablation_passes(flags):
+    """Guided passes per image of scripts/ablation.py's grid (an upper bound: CDM points skip the classifier)."""
+    from .segment.study import StudyGrid
+
+    grid = StudyGrid()
+
+    def numbers(key, default):
+        value = flags.get(key)
+        return tuple(float(v) for v in str(value).split(",") if v.strip()) if value is not None else default
+
+    levels, record = numbers("noise_levels", grid.noise_levels), numbers("record_steps", grid.record_steps)
+    taus_scales = numbers("scales", grid.scales)
+    draws, draw_steps = numbers("noise_draws", grid.noise_draws), numbers("draw_steps", grid.draw_steps)
+    max_steps = float(flags.get("max_steps", 10)) or max(record)
+    sweeps = 2 * len(levels) * max(record) + 2 * grid.paper_steps
+    sweeps += sum(1 for s in taus_scales if s not in (0.0, grid.paper_scale)) * grid.paper_steps
+    sweeps += sum(d for d in draws if d) * max(draw_steps)
+    return sweeps + min(max_steps, max(record))  # and the chosen point once more, for the post-processing
+
+
+def _duration(seconds):
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _steps_done(stage):
+    from .train.checkpoints import latest_complete_checkpoint, parse_step
+
+    latest = latest_complete_checkpoint(stage.flags["save_dir"], stage.details["rates"]) \
+        if os.path.isdir(stage.flags["save_dir"]) else None
+    return parse_step(latest) if latest else 0
+
+
+def estimate_lines(stages, counts, done, log=print):
+    """One line per stage with its estimated time, from a measurement on this machine."""
+    by_name = {s.name: s for s in stages}
+    log("estimate: measuring one training step of each network and one guided pass on this machine ...")
+    rates, device, (ddpm_batch, classifier_batch) = measure_throughput(by_name["ddpm"].flags,
+                                                                       by_name["classifier"].flags)
+    log(f"  measured on {device} (random inputs, batch {ddpm_batch} / {classifier_batch}, after a warm-up): DDPM "
+        f"{rates['ddpm_images_per_s']:.2f} img/s, classifier {rates['classifier_images_per_s']:.2f} img/s, guided "
+        f"pass {rates['guided_pass_s_per_image'] * 1000:.0f} ms per image")
+    total = 0.0
+    for stage in stages:
+        if done[stage.name]:
+            log(f"  {stage.name}: complete, skipped")
+            continue
+        if stage.name == "prepare":
+            n = counts.get("training", 0) + counts.get("validation", 0) if counts else None
+            log(f"  {stage.name}: {n if n is not None else 'the'} subjects read and sliced (stated: typically "
+                f"1-3 s per subject and modality on one core, BraTS-sized volumes; not included below)")
+            continue
+        if stage.name in ("ddpm", "classifier"):
+            rate = rates[f"{stage.name}_images_per_s"]
+            remaining = stage.details["steps"] - _steps_done(stage)
+            seconds = remaining * stage.details["batch"] / rate
+            log(f"  {stage.name}: {remaining} steps x {stage.details['batch']} images at {rate:.2f} img/s "
+                f"(measured) = {_duration(seconds)}")
+        elif stage.name == "ablation":
+            images = int(float(stage.flags.get("max_images", 32)))
+            detect = int(float(stage.flags.get("detect_images", 512)))
+            passes = ablation_passes(stage.flags)
+            seconds = (images * passes + 2 * detect) * rates["guided_pass_s_per_image"]
+            log(f"  ablation: about {images} slices x {passes:.0f} guided passes and {detect} slices for the "
+                f"detection threshold, at the measured pass time = about {_duration(seconds)}")
+        elif stage.name == "validate":
+            n = "the"
+            seconds = 0.0
+            if counts and counts.get("validation_tumor_slices"):
+                n = counts["validation_tumor_slices"]
+                seconds = n * 2 * rates["guided_pass_s_per_image"]
+            log(f"  validate: {n} validation tumour slices x the chosen point's passes (R x noise draws, at most "
+                f"the ablation's --max_steps) = " + (f"about {_duration(seconds)} for 2 passes" if seconds else
+                                                      "known after the ablation"))
+        else:
+            seconds = 0.0
+            log(f"  {stage.name}: seconds")
+        total += seconds
+    log(f"  in all about {_duration(total)} besides preparing the data")
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def run_stage(command):
+    """Run `command` and return its exit status once it has ended. A stop is the stage's to handle: Ctrl-C
+    reaches it from the terminal (the whole process group), and a SIGTERM of the recipe is sent on to it;
+    a training run then saves the step it is on. The recipe waits for that instead of killing the stage."""
+    process = subprocess.Popen(command)
+    while True:
+        try:
+            return process.wait()
+        except Terminated:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        except KeyboardInterrupt:  # the stage got the same Ctrl-C: wait while it saves and stops
+            pass
+
+
+def main(argv=None, log=print):
+    parser = create_argparser()
+    args = parser.parse_args(argv)
+    stages, slices, modalities = build_stages(args)
+    prepare = next((s for s in stages if s.name == "prepare"), None)
+    if prepare is not None:
+        marker = read_marker(args.work_dir, "prepare")
+        trained = os.path.isdir(os.path.join(args.work_dir, "ddpm"))
+        # without a record (stopped right after preparing) it is prepared again, unless training began on it
+        if prepare.complete() and (marker.get("command") != prepare.command[1:] if marker else trained):
+            raise UserError(f"--work_dir {args.work_dir}: {slices} holds a dataset prepared by another command "
+                            f"({'no record of it' if marker is None else shlex.join(marker['command'])}); remove "
+                            f"it, and what was trained on it, or choose another --work_dir")
+        counts = check_prepared(slices, f"--work_dir {args.work_dir}: {slices}") if prepare.complete() else \
+            check_raw_subjects(args.input_dir, modalities, float(prepare.flags.get("val_fraction", 0.2)),
+                               int(prepare.flags.get("seed", 0)))
+    else:
+        from .cli import require_dir
+
+        require_dir(args.prepared_dir, "--prepared_dir")
+        counts = check_prepared(slices, f"--prepared_dir {slices}")
+    done = {stage.name: stage_done(args.work_dir, stage) for stage in stages}
+    log(f"recipe ({args.preset} preset): {' -> '.join(s.name for s in stages)}; work in {args.work_dir}, model "
+        f"folder {stages[-1].output}")
+    if args.estimate and not all(done.values()):
+        estimate_lines(stages, counts, done, log)
+    for number, stage in enumerate(stages, 1):
+        log(f"[{number}/{len(stages)}] {stage.name}: {shlex.join(stage.command)}")
+        if args.dry_run:
+            continue
+        if stage_done(args.work_dir, stage):
+            log(f"  complete ({stage.output}): skipped")
+            continue
+        if stage.name in ("ddpm", "classifier") and _steps_done(stage):
+            log(f"  resuming at step {_steps_done(stage)} of {stage.details['steps']}")
+        sys.stdout.flush()
+        status = run_stage(stage.command)
+        if status != 0:
+            signum = status - 128 if status > 128 else -status if status < 0 else 0
+            if signum in (signal.SIGINT, signal.SIGTERM):
+                raise Stopped(signum, f"stage {stage.name} stopped by {signal.Signals(signum).name}; run the same "
+                                      f"recipe command again to resume")
+            print(f"error: stage {stage.name} failed (exit status {status}); its command is printed above",
+                  file=sys.stderr)
+            raise SystemExit(status if 0 < status < 128 else 1)
+        if stage.recorded:
+            write_marker(args.work_dir, stage)
+        if stage.name == "prepare":
+            check_prepared(slices, f"--input_dir {args.input_dir} (prepared into {slices})")
+    if not args.dry_run:
+        log(f"model folder: {stages[-1].output} (segment with: python scripts/segment_scans.py --model_dir "
+            f"{stages[-1].output} --input SCANS --out_dir OUT)")
