@@ -15,6 +15,12 @@ noise). Two lesion models:
   ring-shaped (bright rim 4 around a dark core 1), anywhere inside the brain: a harder,
   less brain-tumour-like test, including lesions darker than the tissue.
 
+Profiles. `demo` (the default) draws every subject from one lesion model. `stress` cycles through
+kinds of subject that a whole-scan decision finds hard (`STRESS_KINDS`): a typical glioma, a small
+tumour (a few thousand voxels at 1 mm), several tumours, a tumour at the top or bottom of the brain
+(where few training slices look alike), and healthy subjects; subject i is kind i mod 5, and
+demo.json records each subject's kind.
+
 Subjects are written BraTS-style, `<id>/<id>_flair.nii.gz` + `<id>/<id>_seg.nii.gz`, so
 `scripts/prepare_brats.py` (or `volumes.export_slice_dataset`) turns them into the slice
 layout. Subject i depends only on (seed, i).
@@ -60,11 +66,31 @@ class LesionSettings:
     kind_probabilities: tuple = (0.45, 0.2, 0.35)  # hyper, hypo, ring ("mixed" only)
     model: str = "mixed"
     extra_tumour_probability: float = 0.1  # "glioma": chance of each further (multifocal) tumour
+    placement: str = "white_matter"  # "glioma": or "edge", within the top or bottom fifth of the brain's height
 
 
 # BraTS-like whole tumours: mostly one per subject, 2-7 cm of edema around the core.
 GLIOMA_SETTINGS = LesionSettings(model="glioma", max_lesions=2, min_diameter_mm=20.0, max_diameter_mm=70.0)
 MIXED_SETTINGS = LesionSettings()
+PLACEMENTS = ("white_matter", "edge")
+
+# The stress profile: subject i is the kind i mod 5 (so both splits hold every kind).
+STRESS_KINDS = {
+    "typical": replace(GLIOMA_SETTINGS, lesion_free_fraction=0.0),
+    "small": replace(GLIOMA_SETTINGS, lesion_free_fraction=0.0, max_lesions=1, min_diameter_mm=14.0,
+                     max_diameter_mm=24.0),
+    "multiple": replace(GLIOMA_SETTINGS, lesion_free_fraction=0.0, max_lesions=3, extra_tumour_probability=1.0,
+                        min_diameter_mm=12.0, max_diameter_mm=40.0),
+    "edge": replace(GLIOMA_SETTINGS, lesion_free_fraction=0.0, max_lesions=1, min_diameter_mm=16.0,
+                    max_diameter_mm=36.0, placement="edge"),
+    "healthy": replace(GLIOMA_SETTINGS, lesion_free_fraction=1.0),
+}
+PROFILES = ("demo", "stress")
+
+
+def subject_settings(settings, index):
+    """The lesion settings of subject `index`: `settings` itself, or item index mod n of a sequence of them."""
+    return settings if isinstance(settings, LesionSettings) else settings[index % len(settings)]
 
 
 def lesion_settings(model, **overrides):
@@ -227,13 +253,23 @@ def _blob_at(center, radius, rng, allowed):
     return box, blob[local] & allowed[box]
 
 
-def glioma_sites(image, brain, voxel_size, radius):
+def glioma_sites(image, brain, voxel_size, radius, placement="white_matter", rng=None):
     """Flat indices where a glioma of `radius` voxels may be centred: hemispheric white matter, deep enough.
 
     White matter is read off the FLAIR-like contrast before intensity variation (white ~0.55, grey
     ~0.7 of the template scale); the midline band (first axis, +-8 mm) is left out, as BraTS gliomas
-    are mostly lateral.
+    are mostly lateral. placement "edge": anywhere in the brain within the top or bottom fifth of its
+    height (the last axis; which one drawn with `rng`), at least 2 voxels deep.
     """
+    if placement == "edge":
+        levels = np.flatnonzero(brain.any(axis=(0, 1)))
+        fifth = max(1, (levels[-1] - levels[0] + 1) // 5)
+        band = (levels[-1] - fifth + 1, levels[-1] + 1) if rng.random() < 0.5 else (levels[0], levels[0] + fifth)
+        edge = np.zeros_like(brain)
+        edge[:, :, band[0]:band[1]] = True
+        candidates = edge & ndimage.binary_erosion(brain, iterations=2)
+        if candidates.any():
+            return np.flatnonzero(candidates)
     depth = ndimage.distance_transform_edt(brain)
     white = brain & (image > 0.47) & (image < 0.63)
     white = ndimage.binary_opening(white, iterations=1)
@@ -259,7 +295,7 @@ def add_gliomas(image, brain, rng, voxel_size, count, settings=GLIOMA_SETTINGS):
     tissue = brain & (image > 0.3 * median)  # not CSF: edema does not fill the ventricles
     for _ in range(count):
         radius = draw_radius(rng, settings, voxel_size)
-        sites = glioma_sites(image, brain, voxel_size, radius)
+        sites = glioma_sites(image, brain, voxel_size, radius, settings.placement, rng)
         center = np.unravel_index(rng.choice(sites), image.shape)
         box, edema = _blob_at(center, radius, rng, tissue)
         if not edema.any():
@@ -321,7 +357,8 @@ def synthesize_subject(template, rng, voxel_size=2.0, settings=GLIOMA_SETTINGS):
 def _subject_job(job):
     raw_dir, index, seed, voxel_size, settings = job
     rng = np.random.default_rng([seed, index])
-    image, seg, affine = synthesize_subject(load_mni_template(voxel_size), rng, voxel_size, settings)
+    image, seg, affine = synthesize_subject(load_mni_template(voxel_size), rng, voxel_size,
+                                            subject_settings(settings, index))
     subject = f"demo_{index:03d}"
     folder = os.path.join(raw_dir, subject)
     os.makedirs(folder)
@@ -333,7 +370,10 @@ def _subject_job(job):
 
 
 def write_demo_subjects(raw_dir, num_subjects, seed=0, voxel_size=2.0, settings=GLIOMA_SETTINGS, workers=1):
-    """Write `num_subjects` synthetic subjects BraTS-style under `raw_dir` (replacing an earlier demo there)."""
+    """Write `num_subjects` synthetic subjects BraTS-style under `raw_dir` (replacing an earlier demo there).
+
+    settings: one `LesionSettings` for every subject, or a dict {kind: LesionSettings} whose kinds
+    subjects take in turn (`STRESS_KINDS`)."""
     if num_subjects < 2:
         raise UserError(f"--num_subjects must be at least 2 (one per split), got {num_subjects}")
     if voxel_size < 1:
@@ -343,7 +383,9 @@ def write_demo_subjects(raw_dir, num_subjects, seed=0, voxel_size=2.0, settings=
         raise UserError(f"{raw_dir}: exists, is not empty and is not a demo folder; refusing to replace it")
     load_mni_template(voxel_size)  # once here, so worker processes inherit it
     with atomic_directory(raw_dir) as tmp:
-        jobs = [(tmp, i, seed, voxel_size, settings) for i in range(num_subjects)]
+        kinds = list(settings) if isinstance(settings, dict) else None
+        per_subject = tuple(settings.values()) if kinds else settings
+        jobs = [(tmp, i, seed, voxel_size, per_subject) for i in range(num_subjects)]
         progress = dict(total=num_subjects, desc="demo subjects", unit="subject")
         if workers > 1:
             from concurrent.futures import ProcessPoolExecutor
@@ -353,8 +395,13 @@ def write_demo_subjects(raw_dir, num_subjects, seed=0, voxel_size=2.0, settings=
         else:
             list(tqdm(map(_subject_job, jobs), **progress))
         with open(os.path.join(tmp, DEMO_MARKER), "w") as f:
-            json.dump(dict(num_subjects=num_subjects, seed=seed, voxel_size=voxel_size,
-                           lesions=asdict(settings)), f, indent=1, sort_keys=True)
+            record = dict(num_subjects=num_subjects, seed=seed, voxel_size=voxel_size)
+            if kinds:
+                record.update(kinds={k: asdict(v) for k, v in settings.items()},
+                              subject_kinds={f"demo_{i:03d}": kinds[i % len(kinds)] for i in range(num_subjects)})
+            else:
+                record.update(lesions=asdict(settings))
+            json.dump(record, f, indent=1, sort_keys=True)
             f.write("\n")
     return raw_dir
 
@@ -364,11 +411,23 @@ def make_demo_dataset(out_dir, num_subjects=72, seed=0, voxel_size=2.0, image_si
     """Subjects under OUT/raw, the slice layout under OUT/slices, a picture at OUT/preview.png; returns counts."""
     raw_dir = write_demo_subjects(os.path.join(out_dir, "raw"), num_subjects, seed, voxel_size, settings, workers)
     options = SliceOptions(image_size=image_size, min_lesion_pixels=min_tumor_pixels)
-    counts = export_slice_dataset(find_brats_cases(raw_dir, ("flair",)), os.path.join(out_dir, "slices"), options,
-                                  input_dir=raw_dir, val_fraction=val_fraction, seed=seed, workers=workers)
+    cases = find_brats_cases(raw_dir, ("flair",))
+    split_of = stratified_split([c.subject for c in cases], len(settings), val_fraction) if isinstance(settings, dict) else None
+    counts = export_slice_dataset(cases, os.path.join(out_dir, "slices"), options, input_dir=raw_dir,
+                                  val_fraction=val_fraction, seed=seed, workers=workers, split_of=split_of)
     if preview:
         save_preview(os.path.join(out_dir, "slices"), os.path.join(out_dir, "preview.png"))
     return counts
+
+
+def stratified_split(subjects, kinds, val_fraction):
+    """{subject: split} for subjects that take `kinds` kinds in turn (sorted subject i is kind i mod kinds):
+    whole rounds of kinds go to validation, evenly spaced, so each split holds every kind equally often."""
+    subjects = sorted(subjects)
+    rounds = -(-len(subjects) // kinds)
+    n_val = min(max(int(round(rounds * val_fraction)), 1), rounds - 1) if rounds > 1 else 0
+    validation = {int(r) for r in np.linspace(1, rounds - 1, n_val).round()} if n_val else set()
+    return {s: "validation" if i // kinds in validation else "training" for i, s in enumerate(subjects)}
 
 
 def save_preview(slices_root, path, columns=6, rows=3):

@@ -3,20 +3,25 @@
 Each subject is a randomly deformed, intensity-varied copy of the MNI152 template brain
 (shipped with nilearn, no download) with BraTS-like FLAIR gliomas (--lesion_model glioma,
 the default: usually one tumour, edema around an enhancing core, labels 2 / 4 / 1) or the
-harder "mixed" model (--lesion_model mixed: up to five bright, dark or ring lesions from 4 mm). Writes
+harder "mixed" model (--lesion_model mixed: up to five bright, dark or ring lesions from 4 mm).
+--profile stress makes a stress set instead: subjects take in turn the kinds typical, small
+(a few thousand voxels at 1 mm), multiple (three tumours), edge (a tumour in the top or bottom
+fifth of the brain) and healthy, recorded per subject in OUT/raw/demo.json. Writes
 OUT/raw/<subject>/<subject>_{flair,seg}.nii.gz, the slice layout OUT/slices (as
 scripts/prepare_brats.py would) and a picture OUT/preview.png. The same --seed gives the
 same files. The defaults (64x64 slices, a few thousand training slices, a few hundred
 validation slices) take one to two minutes on two CPU cores.
 
-example:
+examples:
   python scripts/make_demo_data.py            # data/demo/raw, data/demo/slices
+  python scripts/make_demo_data.py --profile stress --num_subjects 30 --voxel_size 1 --val_fraction 0.5 \
+      --out_dir data/stress                   # whole-scan checks: tune on training, report on validation
 """
 
 import argparse
 
 from guided_diffusion.cli import UserError, run_main
-from guided_diffusion.demo_data import LESION_MODELS, lesion_settings, make_demo_dataset
+from guided_diffusion.demo_data import LESION_MODELS, PROFILES, STRESS_KINDS, lesion_settings, make_demo_dataset
 from guided_diffusion.volumes import format_counts
 
 
@@ -43,6 +48,9 @@ def create_argparser():
                    help="smallest whole-lesion diameter in mm (default: 20 for glioma, 4 for mixed)")
     p.add_argument("--max_lesion_mm", type=float, default=None,
                    help="largest whole-lesion diameter in mm (default: 70 for glioma, 50 for mixed)")
+    p.add_argument("--profile", default="demo", choices=PROFILES,
+                   help="demo: every subject from --lesion_model; stress: subjects take in turn the kinds "
+                        f"{', '.join(STRESS_KINDS)} (the lesion flags above do not apply) (default: demo)")
     p.add_argument("--seed", type=int, default=0, help="seed of everything random (default: 0)")
     p.add_argument("--workers", type=int, default=2, help="processes working in parallel (default: 2)")
     return p
@@ -63,7 +71,7 @@ def main(argv=None):
     counts = make_demo_dataset(args.out_dir, num_subjects=args.num_subjects, seed=args.seed,
                                voxel_size=args.voxel_size, image_size=args.image_size,
                                val_fraction=args.val_fraction, min_tumor_pixels=args.min_tumor_pixels,
-                               settings=settings, workers=max(1, args.workers))
+                               settings=STRESS_KINDS if args.profile == "stress" else settings, workers=max(1, args.workers))
     print(format_counts(counts))
     print(f"wrote {args.out_dir}/raw, {args.out_dir}/slices and {args.out_dir}/preview.png")
 

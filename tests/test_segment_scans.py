@@ -15,7 +15,7 @@ import torch
 from guided_diffusion.datasets import SliceDataset
 from guided_diffusion.metrics import dice_3d
 from guided_diffusion.segment import scans_command
-from guided_diffusion.segment.pipeline import BatchResult, Batch
+from guided_diffusion.segment.scan_decision import ScanDecision, ScanEvidence
 from guided_diffusion.segment.postprocess import MaskOptions
 from guided_diffusion.segment.scans import ScanWriter, Scan, prepare_scan
 from guided_diffusion.volumes import SliceOptions, export_slice_dataset
@@ -73,12 +73,11 @@ def test_an_oblique_flipped_scan_comes_back_on_its_own_grid_with_the_blob_in_pla
     assert prepared.images.shape[1:] == (1, 32, 32) and len(prepared.z) >= 8
     # a map that is the image itself: Otsu over the brain separates the blob, pasted back it must sit where it was
     maps = prepared.images[:, 0].numpy() + 1.0
-    batch = Batch(images=prepared.images, labels=np.full(len(maps), -1), masks=np.zeros(maps.shape, bool),
-                  has_mask=np.zeros(len(maps), bool), names=prepared.names)
-    result = BatchResult(batch=batch, maps={"v": maps.astype(np.float32)}, segmented=np.ones(len(maps), bool))
+    evidence = ScanEvidence(maps.astype(np.float32), np.ones(len(maps)), prepared.images.numpy())
     out = tmp_path / "out"
     out.mkdir()
-    ScanWriter(str(out), MaskOptions(foreground_only=True)).write(prepared, [result])
+    ScanWriter(str(out), MaskOptions(foreground_only=True), ScanDecision(rule="slices", threshold=0.5)).write(
+        prepared, evidence)
     source = nib.load(path)
     for name, dtype in (("oblique_pred.nii.gz", np.uint8), ("oblique_map.nii.gz", np.float32)):
         written = nib.load(out / name)

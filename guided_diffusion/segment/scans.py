@@ -1,7 +1,10 @@
 """Whole scans in, masks in the scan's own voxel grid out (`scripts/segment_scans.py`).
 
-A scan is one NIfTI file (one channel) or a BraTS-style subject folder (`*_<modality>.nii.gz` per
-channel, `*_seg.nii.gz` as its reference when present). `prepare_scan` re-applies exactly the
+A scan is one NIfTI file (one channel, or a Decathlon 4-D file holding the models' channels), or a
+BraTS subject folder in 2020/2021 or 2023+ naming (`*_<modality>.nii.gz` / `*-t2f.nii.gz`... per
+channel, `*_seg` / `*-seg` as its reference when present; see `layouts`); a label map is never taken
+for a scan. `prepare_scan` first checks the scan against what the models were trained on
+(`scan_checks`), then re-applies exactly the
 preprocessing of the training data, read from the prepared dataset's dataset.json (`volumes`:
 canonical orientation, intensity normalisation, the square crop box, the slices with enough
 foreground, the image size, the channel order, 8-bit quantisation), so slice z of a scan is the
@@ -19,23 +22,32 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from .. import layouts
 from ..cli import UserError
+from ..lesion_metrics import lesion_wise_scores, summarise_lesion_rows
 from ..metrics import dice_3d, evaluate_masks, hd95_3d, summarize
-from ..volumes import (BRATS_MODALITIES, SliceOptions, cut_box, cut_image, lesion_mask, load_canonical, normalise_volume,
+from ..volumes import (SliceOptions, cut_box, cut_image, label_values, lesion_mask, load_canonical, normalise_volume,
                        paste_slices, resize2d, save_like, slice_geometry)
 from .pipeline import ArrayBatches
-from .postprocess import normalize_map, saliency_to_mask
+from .postprocess import normalize_map
+from .scan_decision import decide
+from .scan_checks import check_scan
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 @dataclass
 class Scan:
-    """One scan: a name, one NIfTI path per channel (the dataset's order), an optional reference."""
+    """One scan: a name, one NIfTI path per channel (the dataset's order), an optional reference.
+
+    channel_index: per channel, its index on the file's 4th axis (a Decathlon image); () for 3-D files.
+    scheme: the label scheme of the reference (`layouts.SCHEMES`), "" when its layout is unknown."""
 
     name: str
     channels: tuple
     reference: str = None
+    channel_index: tuple = ()
+    scheme: str = ""
 
 
 @dataclass
@@ -67,64 +79,74 @@ def _is_nifti(path):
     return os.path.isfile(path) and path.endswith(NIFTI_SUFFIXES)
 
 
-def _subject_files(folder, suffix):
-    return sorted(n for n in os.listdir(folder) if n.endswith((f"_{suffix}.nii.gz", f"_{suffix}.nii")))
-
-
 def _subject_scan(folder, modalities):
-    files = []
-    for modality in modalities:
-        hits = _subject_files(folder, modality)
-        if not hits:
-            raise UserError(f"{folder}: no *_{modality}.nii.gz (the models take {', '.join(modalities)})")
-        if len(hits) > 1:
-            raise UserError(f"{folder}: several *_{modality}.nii.gz files ({', '.join(hits)})")
-        files.append(os.path.join(folder, hits[0]))
-    seg = _subject_files(folder, "seg")
-    return Scan(os.path.basename(os.path.normpath(folder)), tuple(files), os.path.join(folder, seg[0]) if seg else None)
+    subject = layouts.read_subject_folder(folder)
+    why = f"(the models take {', '.join(modalities)})"
+    files = tuple(subject.path(m, why) for m in modalities)
+    seg = subject.path("seg") if "seg" in subject.files else None
+    return Scan(os.path.basename(os.path.normpath(folder)), files, seg, scheme=subject.naming)
 
 
-def _is_subject_folder(folder, modalities):
-    """A BraTS-style subject folder: NIfTI files named <subject>_<modality or seg>, one subject prefix (a flat
-    folder of several patients' *_flair.nii.gz files is a folder of scans)."""
+def _is_subject_folder(folder, modalities=()):
+    """A BraTS subject folder: NIfTI files of one subject (<subject>_<modality or seg> or <subject>-<t2f, ...
+    or seg>), at least one a scan (a flat folder of several patients' scans is a folder of scans)."""
     if not os.path.isdir(folder):
         return False
-    suffixes = tuple(f"_{m}{ext}" for m in (*BRATS_MODALITIES, *modalities, "seg") for ext in NIFTI_SUFFIXES)
-    prefixes = {name[:name.rindex("_")] for name in os.listdir(folder) if name.endswith(suffixes)}
-    return len(prefixes) == 1
+    subject = layouts.read_subject_folder(folder)
+    return subject is not None and subject.has_modality()
+
+
+def _file_scan(path, modalities, listed=False):
+    """The scan of one NIfTI file, or None for a file of a folder listing that is another modality's.
+
+    A 3-D file is one channel; a file named as another modality than the (one-channel) models take, or as a
+    label map, is a UserError when named by --input. A 4-D file gives the models' channels (see
+    `layouts.scan_channels`), with labelsTr/<name> beside a Decathlon imagesTr/ as its reference."""
+    parsed = layouts.parse_name(path)
+    if parsed is not None and parsed.role == "seg":
+        if listed:
+            return None
+        raise UserError(f"--input {path}: a label map (named *{'-' if parsed.naming == 'brats2023' else '_'}seg), "
+                        f"not a scan")
+    channel_index, _ = layouts.scan_channels(path, modalities)
+    if channel_index:
+        return Scan(_stem(path), (path,) * len(modalities), layouts.msd_label_path(path), channel_index, "msd")
+    if len(modalities) > 1:
+        raise UserError(f"--input {path}: one NIfTI file is one channel, but the models take "
+                        f"{len(modalities)} ({', '.join(modalities)}); give BraTS-style subject folders")
+    if parsed is not None and parsed.role != modalities[0]:
+        if listed:
+            return None
+        raise UserError(f"--input {path}: named as a {parsed.role} scan, but the models take {modalities[0]}")
+    return Scan(_stem(path), (path,), scheme=parsed.naming if parsed else "")
 
 
 def find_scans(inputs, modalities):
     """Scans named by `inputs` (NIfTI files, subject folders, or folders of either), in a stable order.
 
-    A NIfTI file is a one-channel scan; more channels need subject folders. Files ending in _seg
-    are references, never scans.
+    A NIfTI file is a one-channel scan (a Decathlon 4-D file: its channels); more channels need subject
+    folders. Label maps (*_seg, *-seg) are references, never scans; in a folder of scans, files named as
+    another modality than the models take are left out.
     """
     scans = []
     for path in inputs:
         if _is_nifti(path):
-            found = [path]
+            found = [_file_scan(path, modalities)]
         elif _is_subject_folder(path, modalities):
-            found = [path]
+            found = [_subject_scan(path, modalities)]
         elif os.path.isdir(path):
             entries = [os.path.join(path, n) for n in sorted(os.listdir(path)) if not n.startswith(".")]
-            found = [e for e in entries if (_is_nifti(e) and not _stem(e).endswith("_seg"))
-                     or _is_subject_folder(e, modalities)]
+            found = [_subject_scan(e, modalities) if _is_subject_folder(e) else _file_scan(e, modalities, listed=True)
+                     for e in entries if _is_nifti(e) or _is_subject_folder(e)]
+            found = [scan for scan in found if scan is not None]
             if not found:
-                raise UserError(f"--input {path}: no NIfTI scan (.nii, .nii.gz) or subject folder with "
-                                f"*_{modalities[0]}.nii.gz in it")
+                raise UserError(f"--input {path}: no NIfTI scan (.nii, .nii.gz) of {modalities[0]} or subject "
+                                f"folder with *_{modalities[0]}.nii.gz in it")
         elif os.path.exists(path):
             raise UserError(f"--input {path}: not a NIfTI file (.nii or .nii.gz) or a folder")
         else:
             raise UserError(f"--input {path}: no such file or folder")
-        for item in found:
-            if os.path.isdir(item):
-                scans.append(_subject_scan(item, modalities))
-            elif len(modalities) > 1:
-                raise UserError(f"--input {item}: one NIfTI file is one channel, but the models take "
-                                f"{len(modalities)} ({', '.join(modalities)}); give BraTS-style subject folders")
-            else:
-                scans.append(Scan(_stem(item), (item,)))
+        scans.extend(found)
     names = [s.name for s in scans]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
@@ -132,25 +154,35 @@ def find_scans(inputs, modalities):
     return scans
 
 
+def _attach_reference(scan, path):
+    scan.reference = path
+    scan.scheme = layouts.label_scheme_of(path) or scan.scheme  # the reference's own name says most
+
+
 def with_reference(scans, reference):
     """Attach `--reference`: a file, for one scan, or a folder holding `<name>_seg.nii.gz`, `<name>.nii.gz`
-    or a BraTS subject folder `<subject>/<subject>_seg.nii.gz` (for a scan named `<subject>_<modality>`)."""
+    (e.g. a Decathlon labelsTr/) or a BraTS subject folder `<subject>/<subject>_seg.nii.gz` (for a scan named
+    `<subject>_<modality>`; BraTS 2023 names, `-seg`, likewise)."""
     if not reference:
         return scans
     if os.path.isfile(reference):
         if len(scans) != 1:
             raise UserError(f"--reference {reference}: one file is the reference of one scan, but there are "
                             f"{len(scans)}; give a folder of <name>_seg.nii.gz files")
-        scans[0].reference = reference
+        _attach_reference(scans[0], reference)
         return scans
     if not os.path.isdir(reference):
         raise UserError(f"--reference {reference}: no such file or folder")
     for scan in scans:
-        subject = next((scan.name[:-len(m) - 1] for m in BRATS_MODALITIES if scan.name.endswith(f"_{m}")), scan.name)
-        candidates = [f"{scan.name}_seg", scan.name, f"{subject}_seg", os.path.join(subject, f"{subject}_seg")]
+        parsed = layouts.parse_name(scan.name + ".nii")
+        subject = parsed.subject if parsed is not None else scan.name
+        candidates = [f"{scan.name}_seg", f"{scan.name}-seg", scan.name, f"{subject}_seg", f"{subject}-seg",
+                      os.path.join(subject, f"{subject}_seg"), os.path.join(subject, f"{subject}-seg")]
         found = [os.path.join(reference, c + ext) for c in candidates for ext in NIFTI_SUFFIXES]
         own = {os.path.abspath(c) for c in scan.channels}  # a folder of scans is no folder of references
-        scan.reference = next((p for p in found if os.path.isfile(p) and os.path.abspath(p) not in own), scan.reference)
+        hit = next((p for p in found if os.path.isfile(p) and os.path.abspath(p) not in own), None)
+        if hit is not None:
+            _attach_reference(scan, hit)
     return scans
 
 
@@ -160,12 +192,24 @@ def _check_same_grid(path, image, other_path, other):
                         f"{other.shape[:3]}; they must share the voxel grid")
 
 
-def prepare_scan(scan, options, lesion_labels=()):
-    """The scan's slices exactly as the training data were prepared (see the module docstring)."""
+def reference_labels(scan, lesion_labels, expected):
+    """The label values of a scan's reference that make its lesion: the region the models were trained on
+    (`expected.region`, from --region or dataset.json) in the reference's label scheme (the training data's
+    when its own is unknown), else the raw `lesion_labels` of datasets that record no region."""
+    if expected is None or not expected.region:
+        return lesion_labels
+    return layouts.region_labels(scan.scheme or expected.scheme, expected.region)
+
+
+def prepare_scan(scan, options, lesion_labels=(), expected=None):
+    """The scan's slices exactly as the training data were prepared (see the module docstring), after the
+    checks of `scan_checks` against `expected` (the training data's `Expectations`; None: only what the scan
+    itself shows). A failed check is a UserError or a warning in the result's `warnings`."""
     warnings = []
     loaded = []
-    for path in scan.channels:
-        data, _ = load_canonical(path, warn=warnings.append)
+    channel_index = scan.channel_index or (None,) * len(scan.channels)
+    for path, channel in zip(scan.channels, channel_index):
+        data, affine = load_canonical(path, warn=warnings.append, channel=channel)
         loaded.append(data)
     headers = [nib.load(p) for p in scan.channels]
     for path, header in zip(scan.channels[1:], headers[1:]):
@@ -174,6 +218,8 @@ def prepare_scan(scan, options, lesion_labels=()):
     box, kept = slice_geometry(foreground, options)
     if not kept:
         warnings.append(f"{scan.channels[0]}: no voxel above the background (an empty scan); its mask is empty")
+    else:  # an empty scan gets an empty mask whatever its geometry
+        warnings += check_scan(scan.channels[0], affine, foreground, options, expected)
     size = options.image_size
     images = np.stack([cut_image(channels, box, z, size) for z in kept]) if kept else np.zeros((0, len(loaded), size, size), np.uint8)
     prepared = PreparedScan(scan=scan, images=torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0), z=kept,
@@ -181,7 +227,10 @@ def prepare_scan(scan, options, lesion_labels=()):
     if scan.reference:
         reference = nib.load(scan.reference)
         _check_same_grid(scan.reference, reference, scan.channels[0], headers[0])
-        prepared.reference = lesion_mask(np.asarray(reference.dataobj).reshape(reference.shape[:3]), lesion_labels)
+        labels = np.asarray(reference.dataobj).reshape(reference.shape[:3])
+        if expected is not None and expected.region and scan.scheme:
+            layouts.check_label_values(label_values(labels), scan.scheme, scan.reference)
+        prepared.reference = lesion_mask(labels, reference_labels(scan, lesion_labels, expected))
         lesion = nib.orientations.apply_orientation(prepared.reference, nib.orientations.io_orientation(reference.affine))
         prepared.masks = np.stack([resize2d(cut_box(lesion[:, :, z].astype(np.float32), box), (size, size),
                                             nearest=True) > 0.5 for z in kept]) if kept else np.zeros((0, size, size), bool)
@@ -195,31 +244,26 @@ def scan_batches(prepared, batch_size):
 
 
 class ScanWriter:
-    """Pastes one scan's pipeline results back into its grid and writes its files into `folder`."""
+    """Decides one scan's lesion voxels from its evidence (`scan_decision.decide`), pastes the masks and maps
+    back into the scan's grid and writes its files into `folder`."""
 
-    def __init__(self, folder, options, overview_slices=6):
-        self.folder, self.options = folder, options  # options.keep_largest: the largest component only
+    def __init__(self, folder, options, decision, overview_slices=6):
+        self.folder, self.options, self.decision = folder, options, decision  # options: how a map becomes a mask
         self.overview_slices = overview_slices
 
-    def write(self, prepared, results):
-        """Files of one scan; returns its metrics row (the caller adds its seconds) and its slice records
-        (for the summary; None without a reference)."""
+    def write(self, prepared, evidence):
+        """Files of one scan from its `evidence` (`scan_study.scan_evidence`); returns its metrics row (the
+        caller adds its seconds) and its slice records (for the summary; None without a reference)."""
         scan, n = prepared.scan, len(prepared.names)
-        size = prepared.images.shape[-1]
-        maps = np.concatenate([r.maps[next(iter(r.maps))] for r in results]) if results else np.zeros((0, size, size))
-        segmented = np.concatenate([r.segmented for r in results]) if results else np.zeros(0, bool)
-        probability = (np.concatenate([r.tumour_probability for r in results])
-                       if results and results[0].tumour_probability is not None else None)
-        masks = saliency_to_mask(maps, options=self.options, images=prepared.images.numpy())
-        normalised = normalize_map(maps).astype(np.float32) if n else maps
-        rows = [{"file": name, "slice_index": z, "x0": prepared.box[0], "x1": prepared.box[1],
-                 "y0": prepared.box[2], "y1": prepared.box[3]} for name, z in zip(prepared.names, prepared.z)]
+        masks, segmented = decide(evidence, self.decision, self.options)
+        maps, probability = evidence.maps, evidence.probability
+        # the map of a slice the decision leaves empty is shown as 0, as an undetected slice always was
+        normalised = np.where(segmented[:, None, None], normalize_map(maps), 0.0).astype(np.float32) if n else maps
         source = scan.channels[0]
         reference_image = nib.load(source)
-        mask_volume = paste_slices(rows, {r["file"]: m.astype(np.float32) for r, m in zip(rows, masks)},
-                                   nearest=True, source=source)
-        prediction = np.asarray(mask_volume.dataobj) > 0.5
-        map_volume = paste_slices(rows, dict(zip(prepared.names, normalised)), nearest=False, source=source)
+        prediction = paste_masks(prepared, masks)
+        map_volume = paste_slices(slice_rows(prepared), dict(zip(prepared.names, normalised)), nearest=False,
+                                  source=source)
         save_like(prediction.astype(np.uint8), reference_image, os.path.join(self.folder, f"{scan.name}_pred.nii.gz"))
         save_like(np.asarray(map_volume.dataobj, np.float32), reference_image,
                   os.path.join(self.folder, f"{scan.name}_map.nii.gz"))
@@ -233,10 +277,26 @@ class ScanWriter:
             spacing = tuple(float(v) for v in reference_image.header.get_zooms()[:3])
             row.update(reference_voxels=int(reference.sum()), dice_3d=dice_3d(prediction, reference),
                        hd95_mm=hd95_3d(prediction, reference, spacing))
+            row.update({f"lesion_{k}": v for k, v in lesion_wise_scores(prediction, reference, spacing).items()
+                        if k != "lesions"})  # BraTS 2023 lesion-wise scores and detection (lesion_metrics)
             records = {"records": evaluate_masks(masks, prepared.masks), "labels": prepared.labels,
                        "probability": probability, "segmented": segmented}
         return row, records
 
+
+
+def slice_rows(prepared):
+    """The manifest-like rows (`volumes.paste_slices`) of a prepared scan's slices."""
+    return [{"file": name, "slice_index": z, "x0": prepared.box[0], "x1": prepared.box[1], "y0": prepared.box[2],
+             "y1": prepared.box[3]} for name, z in zip(prepared.names, prepared.z)]
+
+
+def paste_masks(prepared, masks):
+    """A prepared scan's slice masks (N, S, S) pasted back: a boolean volume in the scan file's own grid."""
+    rows = slice_rows(prepared)
+    volume = paste_slices(rows, {r["file"]: m.astype(np.float32) for r, m in zip(rows, masks)}, nearest=True,
+                          source=prepared.scan.channels[0])
+    return np.asarray(volume.dataobj) > 0.5
 
 
 def write_overview(path, prepared, maps, masks, count):
@@ -288,6 +348,7 @@ def summarise_scans(rows, slice_records, detection_threshold):
         summary[f"{key}_mean"] = float(defined.mean()) if defined.size else float("nan")
         summary[f"{key}_std"] = float(defined.std()) if defined.size else float("nan")
         summary[f"{key}_undefined"] = int(values.size - defined.size)
+    summary.update(summarise_lesion_rows(scored))  # lesion_dice_mean, lesion_scans_tumour_missed, ...
     records = [r for part in slice_records for r in part["records"]]
     labels = np.concatenate([part["labels"] for part in slice_records])
     summary["tumour_slices"] = summarize([r for r, label in zip(records, labels) if label == 1])
@@ -309,4 +370,4 @@ def dataset_preprocessing(settings, path):
         if key in known:
             known[key] = tuple(known[key])
     modalities = settings.get("modalities") or ([settings["modality"]] if settings.get("modality") else ["flair"])
-    return SliceOptions(**known), tuple(modalities)
+    return SliceOptions(**known), tuple(layouts.canonical_modality(m) or m for m in modalities)
