@@ -55,7 +55,17 @@ def test_ablation_points_match_direct_runs_and_choices_follow_the_rows(demo_like
     good = [r for r in cg if r["dice"] >= best["dice"] - standard_error]
     assert chosen["mask_tuned"]["passes"] == min(r["steps"] * r["noise_draws"] for r in good)
     assert chosen["mask_tuned"]["training_dice"] >= best["dice"] - standard_error
-    assert chosen["label_free"]["training_dice"] == best_point(rows, "separability", "cg-cdm", 10, "se")["dice"]
+    # label free: the criterion of highest Spearman rho with Dice across the CG-CDM points, then the one-SE rule
+    rhos, criterion = chosen["label_free_criteria"], chosen["label_free"]["criterion"]
+    assert {"separability", "separability_pp", "draw_agreement", "compact_agreement", "faithfulness"} <= set(rhos)
+    eligible = {k: v for k, v in rhos.items() if v is not None and all(r.get(k) is not None for r in cg)}
+    if eligible:
+        assert criterion in eligible and eligible[criterion] == max(eligible.values())
+    else:
+        assert criterion == "separability"
+    assert chosen["label_free"]["training_dice"] == best_point(rows, criterion, "cg-cdm", 10, "se")["dice"]
+    assert chosen["label_free_by_criterion"]["separability"]["training_dice"] == best_point(
+        rows, "separability", "cg-cdm", 10, "se")["dice"]
     detection = chosen["detection"]
     assert 0 <= detection["threshold"] <= 1 and detection["n_training_images"] == detection["n_positive"] + detection["n_negative"]
     assert detection["n_positive"] > 0 and detection["n_negative"] > 0

@@ -63,7 +63,8 @@ HELP = {
                "original README's data/brats_patch/flair/flair (or data/brats_patch/flair) when it exists",
     "save_dir": "classifier folder (the original code's meaning): its newest model*.pt is the classifier "
                 "when --classifier_path is empty; also the default parent of --out_dir",
-    "out_dir": "output folder, replaced when the run completes (default: <save_dir, else the model's folder>/seg_<method>)",
+    "out_dir": "output folder, replaced when the run completes (default: <save_dir, else the model's folder>/seg_<method>; "
+               "with --model_dir FOLDER: runs/<FOLDER name>_seg/seg_<method>)",
     "classifier_path": "classifier checkpoint (args.json beside it): the noise-conditioned one that guides cg-cdm, "
                        "cg-diff and anomaly (unless --classifier_scale 0), or the plain one of a CAM method",
     "method": "; ".join(f"{name}: {m.description}" for name, m in METHODS.items()),
@@ -355,6 +356,8 @@ def main(argv=None):
     except ValueError as err:
         raise _flag_error("--src_dir", err)
     base = args.save_dir or os.path.dirname(os.path.abspath(args.model_path or run.classifier_path))
+    if getattr(args, "model_dir", ""):  # a model folder is what users copy around: outputs go beside it, not in it
+        base = os.path.join("runs", os.path.basename(os.path.normpath(args.model_dir)) + "_seg")
     out_dir = args.out_dir or os.path.join(base, f"seg_{args.method}")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out_dir {out_dir}: exists and is not a folder")

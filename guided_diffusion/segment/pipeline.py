@@ -189,9 +189,12 @@ class Pipeline:
     """
 
     def __init__(self, method, *, seed=0, noise_draws=1, detector=None, threshold=0.5, map_gate=None, device=None,
-                 progress=True):
+                 progress=True, first_draw=0):
         if noise_draws < 1:
             raise ValueError(f"noise_draws {noise_draws}: must be at least 1")
+        if first_draw < 0:
+            raise ValueError(f"first_draw {first_draw}: must be at least 0")
+        self.first_draw = first_draw  # the draws used are first_draw .. first_draw + noise_draws - 1
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold {threshold}: must lie in [0, 1]")
         self.method, self.seed, self.noise_draws = method, seed, noise_draws
@@ -204,7 +207,7 @@ class Pipeline:
         """The method's maps of `images` (on the device), mean over the noise draws: {variant: (B, H, W)}."""
         y1 = torch.full((len(images),), LESION_LABEL, dtype=torch.long, device=images.device)
         total = None
-        for draw in range(self.noise_draws):
+        for draw in range(self.first_draw, self.first_draw + self.noise_draws):
             noise = per_image_noise(images.shape[1:], self.seed, noise_keys(names, draw), device=images.device)
             maps = {v: np.asarray(m, dtype=np.float64) for v, m in self.method.maps(images, y1, noise).items()}
             total = maps if total is None else {v: total[v] + maps[v] for v in total}
@@ -268,12 +271,14 @@ def _sum_on_rank0(value):
 
 
 def compute_maps(method, images, labels=None, *, batch_size, names=None, seed=0, device=None, progress=True,
-                 noise_draws=1):
+                 noise_draws=1, first_draw=0):
     """Run `method` over in-memory `images` (every one segmented); returns ({variant: float32 (N, H, W)},
     seconds) on rank 0 and (None, seconds) on the other ranks. `names` give the noise (default: the
-    positions '0', '1', ...)."""
+    positions '0', '1', ...); the maps are the mean over draws first_draw .. first_draw + noise_draws - 1
+    (a later first_draw gives an independent replicate of the same point)."""
     names = [str(i) for i in range(len(images))] if names is None else list(names)
-    pipeline = Pipeline(method, seed=seed, noise_draws=noise_draws, device=device, progress=progress)
+    pipeline = Pipeline(method, seed=seed, noise_draws=noise_draws, device=device, progress=progress,
+                        first_draw=first_draw)
     results = list(pipeline.run(ArrayBatches(images, names, batch_size, labels=labels)))
     if dist_util.get_rank() != 0:
         return None, pipeline.seconds

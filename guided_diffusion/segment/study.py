@@ -11,8 +11,12 @@ Two choices are made from the grid, never from validation masks:
   the best point's mean Dice on the subset, the one-standard-error rule; or a number), then the
   post-processing (smoothing, foreground-only threshold, largest component) best on those maps;
   the best point itself is recorded beside it (`mask_tuned_best`);
-- `label_free`: the same rule on the label-free score (`otsu_separability`: how clearly two-class
-  the maps are, which needs no mask at all), with the paper's post-processing.
+- `label_free`: the same rule on a label-free score, which needs no mask at all: of the candidate
+  criteria of `label_free.py` (Otsu separability, agreement between noise draws, the classifier's
+  drop when the mask is filled with healthy tissue, ...), measured on every point, the one whose
+  Spearman rho with Dice across the CG-CDM points is highest (every rho is recorded in
+  `label_free_criteria`, each criterion's own choice in `label_free_by_criterion`), with the paper's
+  post-processing (or that of `separability_pp` when it is the criterion).
 The noise-draw sweep spends passes differently: the mean of the maps of K noise draws at R = 1, 2
 against one draw at R = K, at the best point's Q, tau and s. The detection threshold of `--slices
 all` and `segment_scans.py` is chosen on the training split's image labels (`detect.choose_threshold`).
@@ -27,6 +31,8 @@ import numpy as np
 from ..checkpoint_util import load_classifier, load_model_and_diffusion
 from ..cli import atomic_path, atomic_write_text
 from ..script_util import diffusion_from_config
+from .label_free import (POSTPROCESSED, add_stability, best_criterion, criterion_correlations, point_criteria,
+                         point_key, tumour_probability)
 from .methods import CGCDM, SaliencySettings
 from .pipeline import compute_maps
 from .postprocess import MaskOptions
@@ -93,14 +99,28 @@ def load_models(ddpm_path, classifier_path, device):
 
 
 def measure(models, slices, *, noise_level, record_steps, taus, scale, batch_size, seed, sweep, progress=True,
-            noise_draws=1):
-    """Rows (one per recorded step count and tau) of one run, with training-split scores."""
+            noise_draws=1, criteria=False, masks=None):
+    """Rows (one per recorded step count and tau) of one run, with training-split scores.
+
+    criteria: also the label-free criteria of `label_free.point_criteria` (an independent replicate of
+    the run on noise draws K..2K-1, and one classifier pass per image and point); masks: a dict that
+    receives each point's Otsu masks under `label_free.point_key` (for `label_free.add_stability`).
+    """
     model, diffusion, classifier = models
     settings = SaliencySettings(noise_level=noise_level, steps=max(record_steps), taus=tuple(taus),
                                 classifier_scale=scale, seed=seed)
     method = StepSweep(settings, record_steps, model=model, diffusion=diffusion, classifier=classifier)
     maps, seconds = compute_maps(method, slices.images, slices.labels, batch_size=batch_size, names=slices.names,
                                  seed=seed, progress=progress, noise_draws=noise_draws)
+    replicate, detector, p_before = None, None, None
+    if criteria:
+        replicate, _ = compute_maps(method, slices.images, slices.labels, batch_size=batch_size, names=slices.names,
+                                    seed=seed, progress=progress, noise_draws=noise_draws, first_draw=noise_draws)
+        if classifier is not None:
+            from .detect import TumourDetector
+
+            detector = TumourDetector(classifier)
+            p_before = tumour_probability(detector, slices.images, batch_size)
     rows = []
     for r in record_steps:
         for tau in taus:
@@ -113,21 +133,32 @@ def measure(models, slices, *, noise_level, record_steps, taus, scale, batch_siz
                          "separability": summary["map_separability"],
                          "separability_std": summary["map_separability_std"], "n_images": len(slices),
                          "seconds_per_image": seconds / len(slices)})
+            if criteria or masks is not None:
+                name = point_name(r, tau)
+                fields, point_masks = point_criteria(maps[name], None if replicate is None else replicate[name],
+                                                     slices.images, detector, p_before)
+                if criteria:
+                    rows[-1].update({k: v for k, v in fields.items() if not k.startswith("separability_std")
+                                     and k != "separability"})
+                if masks is not None:
+                    masks[point_key(rows[-1])] = point_masks
     return rows
 
 
-def run_ablation(models, slices, grid=StudyGrid(), *, batch_size=32, seed=0, log=print):
-    """Every sweep of Fig. 3 for CG-CDM and CDM on `slices`; returns the rows."""
+def run_ablation(models, slices, grid=StudyGrid(), *, batch_size=32, seed=0, log=print, criteria=False, masks=None):
+    """Every sweep of Fig. 3 for CG-CDM and CDM on `slices`; returns the rows (`criteria`, `masks`: see `measure`)."""
     rows = []
+    extra = dict(criteria=criteria, masks=masks)
     for noise_level in grid.noise_levels:  # Dice vs R, one run per Q and method
         for scale in (grid.paper_scale, 0.0):
             log(f"R sweep: Q = {noise_level:g} T, s = {scale:g}")
             rows += measure(models, slices, noise_level=noise_level, record_steps=grid.record_steps,
-                            taus=grid.step_sweep_taus, scale=scale, batch_size=batch_size, seed=seed, sweep="steps")
+                            taus=grid.step_sweep_taus, scale=scale, batch_size=batch_size, seed=seed, sweep="steps",
+                            **extra)
     for scale in (grid.paper_scale, 0.0):  # Dice vs tau
         log(f"tau sweep: s = {scale:g}")
         rows += measure(models, slices, noise_level=0.1, record_steps=(grid.paper_steps,), taus=grid.taus, scale=scale,
-                        batch_size=batch_size, seed=seed, sweep="tau")
+                        batch_size=batch_size, seed=seed, sweep="tau", **extra)
     for scale in grid.scales:  # Dice vs s (s = 0 is CDM); the tau sweep already measured its own scales
         measured = [r for r in rows if r["sweep"] == "tau" and r["classifier_scale"] == scale]
         if {float(t) for t in grid.step_sweep_taus} <= {r["tau"] for r in measured}:
@@ -135,11 +166,12 @@ def run_ablation(models, slices, grid=StudyGrid(), *, batch_size=32, seed=0, log
             continue
         log(f"s sweep: s = {scale:g}")
         rows += measure(models, slices, noise_level=0.1, record_steps=(grid.paper_steps,), taus=grid.step_sweep_taus,
-                        scale=scale, batch_size=batch_size, seed=seed, sweep="classifier_scale")
+                        scale=scale, batch_size=batch_size, seed=seed, sweep="classifier_scale", **extra)
     return rows
 
 
-def noise_draw_sweep(models, slices, best, grid=StudyGrid(), *, batch_size=32, seed=0, log=print):
+def noise_draw_sweep(models, slices, best, grid=StudyGrid(), *, batch_size=32, seed=0, log=print, criteria=False,
+                     masks=None):
     """Rows of K noise draws at the R of `grid.draw_steps`, at `best`'s Q, tau and s (equal cost: K draws
     at R = 1 against one draw at R = K, which the R sweep measured)."""
     rows = []
@@ -147,7 +179,7 @@ def noise_draw_sweep(models, slices, best, grid=StudyGrid(), *, batch_size=32, s
         log(f"noise draws: K = {draws}")
         rows += measure(models, slices, noise_level=best["noise_level"], record_steps=grid.draw_steps,
                         taus=(best["tau"],), scale=best["classifier_scale"], batch_size=batch_size, seed=seed,
-                        sweep="noise_draws", noise_draws=draws)
+                        sweep="noise_draws", noise_draws=draws, criteria=criteria, masks=masks)
     return rows
 
 
@@ -244,6 +276,7 @@ def selection(rows, postprocessing, postprocessing_rows, n_images, max_steps=Non
 
     mask_tuned = best_point(rows, "dice", "cg-cdm", max_steps, tolerance)
     cg_cdm = [r for r in rows if r["method"] == "cg-cdm" and (max_steps is None or r["steps"] <= max_steps)]
+    label_free, correlations, criterion, by_criterion = label_free_choice(rows, max_steps, tolerance)
     return {
         "n_training_images": n_images,
         "max_steps": max_steps,
@@ -254,11 +287,33 @@ def selection(rows, postprocessing, postprocessing_rows, n_images, max_steps=Non
         "mask_tuned_any_steps": settings_of(best_point(rows, "dice", "cg-cdm")),
         "mask_tuned_cdm": settings_of(best_point(rows, "dice", "cdm", max_steps, tolerance))
         | {"postprocessing": postprocessing.as_dict()},
-        "label_free": settings_of(best_point(rows, "separability", "cg-cdm", max_steps, tolerance))
-        | {"postprocessing": MaskOptions().as_dict()},
+        "label_free": settings_of(label_free) | label_free_postprocessing(criterion)
+        | {"criterion": criterion, "training_criterion": label_free[criterion]},
+        "label_free_criteria": correlations,
+        "label_free_by_criterion": {name: settings_of(row) | {"training_criterion": row[name]}
+                                    for name, row in by_criterion.items()},
         "postprocessing_candidates": postprocessing_rows,
         **({"detection": detection} if detection is not None else {}),
     }
+
+
+def label_free_postprocessing(criterion):
+    """The post-processing of the label-free choice: that of `separability_pp` when it is the criterion,
+    else the paper's (none)."""
+    return {"postprocessing": (POSTPROCESSED if criterion == "separability_pp" else MaskOptions()).as_dict()}
+
+
+def label_free_choice(rows, max_steps=None, tolerance=COST_TOLERANCE):
+    """The label-free choice: the criterion (of `label_free.CRITERIA`, as the rows hold them) whose
+    Spearman rho with Dice across the CG-CDM points (at most `max_steps` steps) is the highest, then the
+    cheapest point within `tolerance` of its best value (`best_point`). Returns (row, {criterion: rho},
+    criterion, {criterion: row chosen by it}) for every criterion every candidate row holds."""
+    cg_cdm = [r for r in rows if r["method"] == "cg-cdm" and (max_steps is None or r["steps"] <= max_steps)]
+    correlations = criterion_correlations(cg_cdm)
+    by_criterion = {name: best_point(cg_cdm, name, tolerance=tolerance) for name in correlations
+                    if all(r.get(name) is not None for r in cg_cdm)}
+    criterion = best_criterion(correlations, cg_cdm) or "separability"
+    return by_criterion[criterion], correlations, criterion, by_criterion
 
 
 def save_study(out_dir, rows, chosen):
@@ -266,7 +321,8 @@ def save_study(out_dir, rows, chosen):
     os.makedirs(out_dir, exist_ok=True)
     atomic_write_text(os.path.join(out_dir, "ablation.json"), json.dumps(rows, indent=1) + "\n")
     atomic_write_text(os.path.join(out_dir, "selection.json"), json.dumps(chosen, indent=1, sort_keys=True) + "\n")
-    plot_ablation(rows, os.path.join(out_dir, "ablation.png"))
+    plot_ablation(rows, os.path.join(out_dir, "ablation.png"), chosen.get("label_free_criteria"),
+                  chosen.get("label_free", {}).get("criterion"))
 
 
 def _paper(text):
@@ -275,12 +331,15 @@ def _paper(text):
     return "\n".join(textwrap.wrap("paper: " + text, 62))
 
 
-def plot_ablation(rows, path):
-    """Three panels like Fig. 3: Dice vs R (per Q), vs tau, vs s; CG-CDM solid, CDM dashed; the paper's peak noted."""
+def plot_ablation(rows, path, correlations=None, criterion=None):
+    """Three panels like Fig. 3: Dice vs R (per Q), vs tau, vs s; CG-CDM solid, CDM dashed; the paper's peak
+    noted. With `correlations` ({label-free criterion: Spearman rho with Dice}), a fourth panel of them,
+    `criterion` (the one the label-free choice used) marked."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(13, 3.9), dpi=100)
-    axes = [fig.add_subplot(1, 3, i + 1) for i in range(3)]
+    panels = 3 + bool(correlations)
+    fig = Figure(figsize=(13 + 3.6 * (panels - 3), 3.9), dpi=100)
+    axes = [fig.add_subplot(1, panels, i + 1) for i in range(panels)]
     styles = {"cg-cdm": "-", "cdm": "--"}
     steps_rows = [r for r in rows if r["sweep"] == "steps"]
     for (q, tau, method) in sorted({(r["noise_level"], r["tau"], r["method"]) for r in steps_rows}):
@@ -302,10 +361,20 @@ def plot_ablation(rows, path):
         axes[2].plot(*zip(*line), "-", marker="o", ms=3, label=f"tau={tau:g} (s=0 plotted at 0.1: CDM)")
     axes[2].set(xscale="log", xlabel="classifier scale s", title="Dice vs s (Q = 0.1 T, R = 10)\n"
                 + _paper(PAPER_ABLATION["classifier_scale"]))
+    if correlations:
+        names = list(correlations)
+        values = [0.0 if v is None or not np.isfinite(v) else v for v in correlations.values()]
+        axes[3].barh(range(len(names)), values, color=["C3" if n == criterion else "C0" for n in names])
+        axes[3].set_yticks(range(len(names)), names, fontsize=7)
+        axes[3].invert_yaxis()
+        axes[3].axvline(0.8, color="gray", ls=":", lw=1)
+        axes[3].set(xlim=(-1, 1), xlabel="Spearman rho with Dice (CG-CDM points)",
+                    title=f"label-free criteria vs Dice\nchosen: {criterion}")
     for ax in axes:
         ax.title.set_fontsize(8)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")

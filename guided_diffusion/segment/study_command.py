@@ -14,6 +14,7 @@ import os
 
 from .. import dist_util
 from ..cli import UserError, atomic_write_text, require_dir
+from .label_free import add_stability
 from .pipeline import SliceBatches, load_slice_set, select_slices
 from .results import DEFAULT_ROWS, format_table, row_specs, run_rows
 from .study import (COST_TOLERANCE, StudyGrid, best_point, choose_detection, choose_postprocessing, load_models,
@@ -71,7 +72,13 @@ def ablation_main(argv=None):
     parser.add_argument("--reuse_rows", default="",
                         help="ablation.json of an earlier run with the same models, data and --max_images: its "
                              "rows are taken instead of measuring the sweeps again, and only the post-processing, "
-                             "the detection threshold and the choices are made anew (default: measure)")
+                             "the detection threshold and the choices are made anew; rows measured without the "
+                             "label-free criteria leave separability the only one (default: measure)")
+    parser.add_argument("--scan_subjects", type=int, default=16,
+                        help="training subjects (evenly spaced) whose whole raw scans choose the whole-scan decision "
+                             "of segment_scans.py: the 3-D rule's thresholds against the slice gate, scored by "
+                             "whole-volume Dice (mask_tuned) or by slice labels alone (label_free) (0: none) "
+                             "(default: %(default)s)")
     parser.add_argument("--tolerance", default=COST_TOLERANCE,
                         help="the cheapest point (fewest passes, R x noise draws) within this much training "
                              "Dice of the best is chosen: a number (0: the best), or 'se', one standard error of "
@@ -93,8 +100,9 @@ def ablation_main(argv=None):
     except ValueError as err:
         raise UserError(f"--noise_levels, --record_steps, --taus, --scales, --noise_draws and --draw_steps take "
                         f"comma lists of numbers ({err})")
-    if args.max_images < 1 or args.batch_size < 1 or args.detect_images < 0:
-        raise UserError("--max_images and --batch_size must be at least 1, --detect_images at least 0")
+    if args.max_images < 1 or args.batch_size < 1 or args.detect_images < 0 or args.scan_subjects < 0:
+        raise UserError("--max_images and --batch_size must be at least 1, --detect_images and --scan_subjects at "
+                        "least 0")
     if args.tolerance != "se":
         try:
             args.tolerance = float(args.tolerance)
@@ -117,9 +125,12 @@ def ablation_main(argv=None):
     if args.reuse_rows:
         rows = _read_rows(args.reuse_rows)
     else:
-        rows = run_ablation(models, slices, grid, batch_size=args.batch_size, seed=args.seed)
+        masks = {}  # each point's Otsu masks, for the label-free criterion `stability`
+        rows = run_ablation(models, slices, grid, batch_size=args.batch_size, seed=args.seed, criteria=True,
+                            masks=masks)
         rows += noise_draw_sweep(models, slices, best_point(rows, "dice", "cg-cdm", max_steps), grid,
-                                 batch_size=args.batch_size, seed=args.seed)
+                                 batch_size=args.batch_size, seed=args.seed, criteria=True, masks=masks)
+        add_stability(rows, masks)
     point = best_point(rows, "dice", "cg-cdm", max_steps, args.tolerance)
     options, option_rows = choose_postprocessing(models, slices, point, batch_size=args.batch_size, seed=args.seed)
     detection = None
@@ -129,10 +140,19 @@ def ablation_main(argv=None):
         detection = choose_detection(models, SliceBatches(every, args.batch_size), device, point, options,
                                      seed=args.seed)
     chosen = selection(rows, options, option_rows, len(slices), max_steps, args.tolerance, detection)
+    if args.scan_subjects:
+        from .scan_study import add_scan_decisions
+
+        add_scan_decisions(chosen, models, args.src_dir, args.split, device, max_subjects=args.scan_subjects,
+                           batch_size=args.batch_size, seed=args.seed)
     chosen.update(model_path=os.path.abspath(ddpm_path), classifier_path=os.path.abspath(classifier_path),
                   src_dir=os.path.abspath(args.src_dir), split=args.split)
     save_study(args.out_dir, rows, chosen)
     print(json.dumps({k: v for k, v in chosen.items() if k != "postprocessing_candidates"}, indent=1))
+    print("label-free criteria, Spearman rho with training Dice across the CG-CDM points: "
+          + ", ".join(f"{name} {'-' if rho is None else format(rho, '.3f')}"
+                    for name, rho in chosen["label_free_criteria"].items())
+          + f"; label_free uses {chosen['label_free']['criterion']}")
     print(f"wrote {args.out_dir}/ablation.json, ablation.png and selection.json")
 
 
