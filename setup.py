@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Conditional diffusion models (CDM / CG-CDM) for weakly supervised medical image segmentation",
     packages=find_packages(include=["guided_diffusion", "guided_diffusion.*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=[
         "torch==2.14.1",
         "torchvision==0.29.1",

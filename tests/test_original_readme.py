@@ -1,4 +1,4 @@
-"""The original README's commands, as README.md's "Coming from the original code" section quotes them,
+"""The original README's commands, as docs/original-code.md quotes them,
 run verbatim on a tiny data set in the original layout, and the section's mapping table names only
 flags the scripts have."""
 
@@ -32,7 +32,7 @@ SHORT_RUN = {"train_tumor_ddfm.py": "--max_steps 1", "classifier_tumor_train.py"
 
 
 def readme_section():
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "original-code.md").read_text()
     start = text.index(SECTION)
     return text[start:text.index("\n## ", start + len(SECTION))]
 
