@@ -9,6 +9,7 @@ import pytest
 
 from guided_diffusion.cli import UserError
 from guided_diffusion.segment import command, study_command
+from guided_diffusion.segment.scan_decision import candidate_decisions
 from guided_diffusion.segment.study import best_point
 from guided_diffusion.volumes import SliceOptions, export_slice_dataset
 from test_image_p_seg import write_classifier, write_model, write_subject
@@ -70,6 +71,18 @@ def test_ablation_points_match_direct_runs_and_choices_follow_the_rows(demo_like
     assert 0 <= detection["threshold"] <= 1 and detection["n_training_images"] == detection["n_positive"] + detection["n_negative"]
     assert detection["n_positive"] > 0 and detection["n_negative"] > 0
     assert chosen["mask_tuned_any_steps"]["training_dice"] == max(r["dice"] for r in rows if r["method"] == "cg-cdm")
+    # the whole-scan decision: every candidate scored on the training subjects' scans, the best one recorded
+    decisions = chosen["scan_decisions"]
+    assert decisions["n_scans"] == 2 and len(decisions["subjects"]) == 2  # S0..S2, one in validation
+    for name, key in (("mask_tuned", "dice"), ("label_free", "label_score")):
+        candidates = decisions["candidates"][name]
+        assert len(candidates) == len(candidate_decisions()) + 1 and candidates[0]["rule"] == "slices"
+        assert candidates[0]["threshold"] == detection["threshold"]
+        best_row = max(candidates, key=lambda r: r[key])
+        assert {k: chosen[name]["scan_decision"][k] for k in best_row if k in chosen[name]["scan_decision"]} == \
+            {k: v for k, v in best_row.items() if k in chosen[name]["scan_decision"]}
+        rho = decisions["label_score_spearman"][name]
+        assert rho is None or -1 <= rho <= 1  # None: one of the scores is the same for every candidate
     assert (out / "ablation.png").stat().st_size > 10000
     # one point of the R sweep (partial sums of a 3-step run) equals a direct 1-step image_p_seg run
     point = next(r for r in rows if r["sweep"] == "steps" and r["steps"] == 1 and r["tau"] == 0.0

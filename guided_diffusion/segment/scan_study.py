@@ -96,8 +96,8 @@ def study_scan_decisions(choices, scans, preprocessing, detection, *, batch_size
         record[name] = chosen.as_dict()
         record["candidates"][name] = rows
         # does the label-only score rank the candidates as the masks do?
-        record.setdefault("label_score_spearman", {})[name] = float(
-            spearmanr([r["label_score"] for r in rows], [r["dice"] for r in rows]).statistic)
+        rho = float(spearmanr([r["label_score"] for r in rows], [r["dice"] for r in rows]).statistic)
+        record.setdefault("label_score_spearman", {})[name] = rho if np.isfinite(rho) else None
     return record
 
 
