@@ -6,13 +6,14 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-# The demo's settings: the choice `mask_tuned` of runs/demo/selection.json, made by scripts/ablation.py
-# (`make study`) on 16 tumour slices and 512 slices of the training split, applied, not retyped: Q, R,
-# tau, s, the noise draws, the post-processing and the detection threshold (see README).
-DEMO_FLAGS ?= --settings runs/demo/selection.json --choice mask_tuned
-# Four demo validation subjects segmented as whole scans: only their FLAIR goes in; their *_seg files
+# The demo model folder runs/demo: its weights, preprocessing and the choice `mask_tuned` of its
+# selection.json, made by scripts/ablation.py (`make study`) on the training split and applied, not
+# retyped: Q, R, tau, s, the noise draws, the post-processing, the detection threshold and the
+# whole-scan decision (see docs/results.md).
+DEMO_FLAGS ?= --model_dir runs/demo
+# The 11 demo validation subjects segmented as whole scans: only their FLAIR goes in; their *_seg files
 # are the --reference, read for the scores alone.
-DEMO_SCANS := demo_005 demo_008 demo_016 demo_020
+DEMO_SCANS := demo_005 demo_008 demo_016 demo_020 demo_030 demo_035 demo_043 demo_045 demo_053 demo_057 demo_070
 DEMO_DATA := data/demo/slices/manifest.csv
 
 .PHONY: setup test demo study results
@@ -32,11 +33,8 @@ $(DEMO_DATA): | $(VENV)/.installed
 	$(PY) scripts/make_demo_data.py --out_dir data/demo
 
 demo: $(VENV)/.installed $(DEMO_DATA)
-	$(PY) scripts/image_p_seg.py --method cg-cdm --model_path runs/demo/ddpm/model.pt \
-		--classifier_path runs/demo/classifier/model.pt --src_dir data/demo/slices \
-		$(DEMO_FLAGS) --batch_size 32 --out_dir runs/demo_seg
-	$(PY) scripts/segment_scans.py --method cg-cdm --model_path runs/demo/ddpm/model.pt \
-		--classifier_path runs/demo/classifier/model.pt $(DEMO_FLAGS) --batch_size 64 \
+	$(PY) scripts/image_p_seg.py $(DEMO_FLAGS) --src_dir data/demo/slices --batch_size 32 --out_dir runs/demo_seg
+	$(PY) scripts/segment_scans.py $(DEMO_FLAGS) --batch_size 64 \
 		--input $(foreach s,$(DEMO_SCANS),data/demo/raw/$(s)/$(s)_flair.nii.gz) --reference data/demo/raw \
 		--out_dir runs/demo_scans
 	@echo "picture grid: runs/demo_seg/grid.png; whole scans: runs/demo_scans/*_overview.png"

@@ -4,9 +4,11 @@ Most tests use a small ellipsoid phantom instead of the MNI template, so they ru
 seconds; one runs the whole generator on the real template at a coarse voxel size.
 """
 
+import json
 import os
 import sys
 
+import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
@@ -155,3 +157,28 @@ def test_bad_flags_and_folders(tmp_path):
     with pytest.raises(UserError, match="is not a demo folder"):
         make_demo_data.main(["--out_dir", out, "--num_subjects", "2"])
     assert (tmp_path / "demo" / "raw" / "mine.txt").read_text() == "keep"
+
+
+def test_stress_profile_makes_each_kind_in_turn_and_splits_them_evenly(tmp_path):
+    raw = demo_data.write_demo_subjects(str(tmp_path / "raw"), 10, seed=1, voxel_size=3.0,
+                                        settings=demo_data.STRESS_KINDS)
+    record = json.loads((tmp_path / "raw" / "demo.json").read_text())
+    kinds = list(demo_data.STRESS_KINDS)
+    assert record["subject_kinds"] == {f"demo_{i:03d}": kinds[i % 5] for i in range(10)}
+    voxels = {}
+    for i in range(10):
+        seg = nib.load(os.path.join(raw, f"demo_{i:03d}", f"demo_{i:03d}_seg.nii.gz"))
+        labels = np.asarray(seg.dataobj) > 0
+        flair = np.asarray(nib.load(os.path.join(raw, f"demo_{i:03d}", f"demo_{i:03d}_flair.nii.gz")).dataobj)
+        voxels.setdefault(kinds[i % 5], []).append(labels.sum() * 27)  # mm^3 at 3 mm voxels
+        if kinds[i % 5] == "edge":  # the lesion's centre lies in the brain's top or bottom fifth
+            levels = np.flatnonzero((flair > 0).any(axis=(0, 1)))
+            centre = ndimage.center_of_mass(labels)[2]
+            height = levels[-1] - levels[0] + 1
+            assert min(centre - levels[0], levels[-1] - centre) < 0.2 * height + 3
+    assert voxels["healthy"] == [0, 0]
+    assert all(0 < v for kind, vs in voxels.items() if kind != "healthy" for v in vs)
+    assert max(voxels["small"]) < 16000  # mm^3: at most 24 mm across, axes up to 1.3x that sphere's
+    split = demo_data.stratified_split([f"demo_{i:03d}" for i in range(30)], 5, 0.5)
+    for kind in range(5):
+        assert sorted(split[f"demo_{i:03d}"] for i in range(kind, 30, 5)) == ["training"] * 3 + ["validation"] * 3

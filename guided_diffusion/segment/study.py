@@ -35,7 +35,8 @@ from .label_free import (POSTPROCESSED, add_stability, best_criterion, criterion
                          point_key, tumour_probability)
 from .methods import CGCDM, SaliencySettings
 from .pipeline import compute_maps
-from .postprocess import MaskOptions
+from ..metrics import evaluate_masks
+from .postprocess import MaskOptions, saliency_to_mask
 from .report import variant_summary
 from .saliency import cdm_saliency_by_steps
 
@@ -227,6 +228,37 @@ def choose_postprocessing(models, slices, point, *, batch_size=32, seed=0, optio
             if best is None or rows[-1]["dice"] > best[1]:
                 best = (chosen, rows[-1]["dice"])
     return best[0], rows
+
+
+def choose_label_free_postprocessing(models, slices, point, *, batch_size=32, seed=0, options=POSTPROCESSING):
+    """The post-processing of the label-free choice, chosen without masks: the option whose masks score the
+    highest compact agreement (`label_free`: the Dice between the masks of two independent sets of noise
+    draws, minus the masks' share of the brain). Returns (MaskOptions, rows with each option's criterion and,
+    for the report only, its Dice against the training masks, and the criterion's Spearman rho with that
+    Dice across the options)."""
+    from .label_free import brain_share, mask_dice, rank_correlation
+
+    model, diffusion, classifier = models
+    settings = SaliencySettings(noise_level=point["noise_level"], steps=point["steps"], taus=(point["tau"],),
+                                classifier_scale=point["classifier_scale"], seed=seed)
+    method = CGCDM(settings, model=model, diffusion=diffusion, classifier=classifier)
+    draws = point.get("noise_draws", 1)
+    maps, replicate = ((compute_maps(method, slices.images, slices.labels, batch_size=batch_size, names=slices.names,
+                                     seed=seed, progress=False, noise_draws=draws, first_draw=first)[0])
+                       for first in (0, draws))
+    (maps,), (replicate,) = maps.values(), replicate.values()
+    images = slices.images.numpy()
+    rows = []
+    for option in (replace(o, keep_largest=keep) for o in options for keep in (False, True)):
+        masks = saliency_to_mask(maps, options=option, images=images)
+        other = saliency_to_mask(replicate, options=option, images=images)
+        score = float(np.mean(mask_dice(masks, other) - brain_share(images, masks)))
+        dice = float(np.mean([r["dice"] for r in evaluate_masks(masks, slices.masks)]))
+        rows.append({**option.as_dict(), "compact_agreement": score, "dice": dice})
+    best = max(range(len(rows)), key=lambda i: (rows[i]["compact_agreement"], -i))
+    rho = rank_correlation([r["compact_agreement"] for r in rows], [r["dice"] for r in rows])
+    chosen = {k: rows[best][k] for k in MaskOptions().as_dict()}
+    return MaskOptions(**chosen), rows, rho
 
 
 def choose_detection(models, batches, device, point, options, *, seed=0):

@@ -17,7 +17,8 @@ from ..cli import UserError, atomic_write_text, require_dir
 from .label_free import add_stability
 from .pipeline import SliceBatches, load_slice_set, select_slices
 from .results import DEFAULT_ROWS, format_table, row_specs, run_rows
-from .study import (COST_TOLERANCE, StudyGrid, best_point, choose_detection, choose_postprocessing, load_models,
+from .study import (COST_TOLERANCE, StudyGrid, best_point, choose_detection, choose_label_free_postprocessing,
+                    choose_postprocessing, load_models,
                     noise_draw_sweep, run_ablation, save_study, selection)
 
 
@@ -140,6 +141,11 @@ def ablation_main(argv=None):
         detection = choose_detection(models, SliceBatches(every, args.batch_size), device, point, options,
                                      seed=args.seed)
     chosen = selection(rows, options, option_rows, len(slices), max_steps, args.tolerance, detection)
+    label_free_options, label_free_rows, rho = choose_label_free_postprocessing(
+        models, slices, chosen["label_free"], batch_size=args.batch_size, seed=args.seed)
+    chosen["label_free"]["postprocessing"] = label_free_options.as_dict()
+    chosen["label_free_postprocessing"] = {"criterion": "compact_agreement", "candidates": label_free_rows,
+                                           "spearman_with_dice": rho if rho == rho else None}
     if args.scan_subjects:
         from .scan_study import add_scan_decisions
 
