@@ -19,7 +19,7 @@ from .script_util import (
     diffusion_defaults,
     model_and_diffusion_defaults,
 )
-from .train.checkpoints import latest_checkpoint, load_weights, parse_step, read_checkpoint  # noqa: F401 (re-exported)
+from .weights import latest_checkpoint, load_weights, parse_step, read_checkpoint  # noqa: F401 (re-exported)
 
 ARGS_FILE = "args.json"
 

@@ -9,9 +9,9 @@ Checkpointing, EMA, mixed precision and resume come from `train.loop.TrainLoopBa
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import rankdata
 
 from . import dist_util, logger
+from .metrics import binary_auroc  # (also importable from here, where it lived)
 from .resample import LossAwareSampler, UniformSampler, timestep_limit
 from .train.loop import TrainLoopBase, log_loss_dict
 
@@ -26,21 +26,6 @@ def timestep_model(model, diffusion):
 def noise_bucket(t, num_timesteps, buckets=NUM_BUCKETS):
     """Index of the quarter (for 4 buckets) of [0, num_timesteps) that holds timestep `t`."""
     return np.minimum((np.asarray(t) * buckets) // num_timesteps, buckets - 1).astype(int)
-
-
-def binary_auroc(scores, labels):
-    """Area under the ROC curve: P(score of a positive > score of a negative), ties counting 1/2.
-
-    Computed from ranks (Mann-Whitney U). NaN when one class is absent.
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels).astype(bool)
-    n_pos, n_neg = labels.sum(), (~labels).sum()
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = rankdata(scores)  # average ranks for ties
-    u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
 
 
 def auroc(probs, labels):

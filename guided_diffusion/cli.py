@@ -1,14 +1,14 @@
-"""Command-line plumbing shared by every script: user errors, signals and atomic file writes.
+"""Command-line plumbing shared by every script: user errors, flags, signals and exit statuses.
 
 A mistake the user can fix (a missing folder, a flag that disagrees with a
-checkpoint, a flag of the wrong type, ...) is raised as `UserError` anywhere in
-the library; `run_main` turns it into one line on stderr and exit status 2, with
-no traceback. Files are written under a temporary name and renamed when
-complete, so a crash never leaves a partial file that looks finished.
+checkpoint, a flag of the wrong type, ...) is raised as `UserError`; `run_main`
+turns it into one line on stderr and exit status 2, with no traceback. The
+library's own errors name parameters (`errors.ParameterError`); `flag_names`
+turns them into the flag's words where a command knows which flag fed them.
 
 A file that cannot be written (a full disk, a quota, a file-size limit, an I/O error, no permission)
-is `WriteError`, raised by the shared writers here and in `logger`: one line naming the file and
-the cause, the temporary file removed.
+is `WriteError`, raised by the atomic writers of `files` (re-exported here) and by `logger`: one
+line naming the file and the cause, the temporary file removed.
 
 Exit statuses of the scripts run through `run_main`:
 
@@ -20,17 +20,33 @@ Exit statuses of the scripts run through `run_main`:
     130  stopped by SIGINT (Ctrl-C); 143 stopped by SIGTERM (`timeout`, `kill`, SLURM, Kubernetes),
          i.e. 128 + the signal number, as a shell reports a job killed by that signal. Training
          saves a complete checkpoint of the step it was on first (see `train_cli`).
+
+Under several processes (torchrun, mpiexec) a rank that fails ends every rank promptly, each with
+the failing rank's line and status (`dist_util.end_together`).
 """
 
 import argparse
 import contextlib
-import errno
 import os
 import shutil
 import signal
 import sys
-import tempfile
 import threading
+import traceback
+
+from .errors import ParameterError
+from .files import (  # noqa: F401  (re-exported: the commands and the library import them from here)
+    WriteError,
+    as_write_error,
+    atomic_directory,
+    atomic_path,
+    atomic_torch_save,
+    atomic_write_text,
+    missing_folders,
+    os_error_cause,
+    remove_empty_folders,
+    writing,
+)
 
 
 class UserError(ValueError):
@@ -38,6 +54,18 @@ class UserError(ValueError):
 
     It is a ValueError, so library callers can catch it like any bad argument.
     """
+
+
+@contextlib.contextmanager
+def flag_names(flags):
+    """Inside the block, a library `ParameterError` of a parameter in `flags` ({parameter: flag}) is a
+    UserError naming the flag instead: the command layer knows which flag fed which parameter."""
+    try:
+        yield
+    except ParameterError as err:
+        if err.parameter not in flags:
+            raise
+        raise UserError(err.named(flags[err.parameter])) from None
 
 
 class Stopped(Exception):
@@ -49,86 +77,6 @@ class Stopped(Exception):
 
 
 IO_ERROR_STATUS = 74  # EX_IOERR of sysexits.h
-
-# What the user can act on, for the causes a write meets on shared clusters.
-_WRITE_CAUSES = {
-    errno.ENOSPC: "no space left on device",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.EFBIG: "file too large (a file-size limit: ulimit -f, or the file system's)",
-    errno.EIO: "input/output error (the disk or the network file system failed)",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
-    errno.EROFS: "read-only file system",
-    errno.ESTALE: "stale file handle (the network file system lost the file)",
-}
-
-
-def os_error_cause(err):
-    """The cause of an OSError in words: 'no space left on device', ..."""
-    if err.errno in _WRITE_CAUSES:
-        return _WRITE_CAUSES[err.errno]
-    if err.strerror:
-        return err.strerror[0].lower() + err.strerror[1:]
-    return str(err) or type(err).__name__
-
-
-class WriteError(OSError):
-    """A file that could not be written: `cannot write PATH: CAUSE[; NOTE]`, exit status 74.
-
-    An OSError (with the errno of its cause), so callers that handle I/O errors still see it.
-    """
-
-    def __init__(self, path, cause, errno_=None, note=""):
-        super().__init__(errno_, cause, os.fspath(path))
-        self.path, self.cause, self.note = os.fspath(path), cause, note
-
-    def with_note(self, note):
-        """The same error with `note` appended (e.g. where the last complete checkpoint is)."""
-        return WriteError(self.path, self.cause, self.errno, note)
-
-    def __str__(self):
-        return f"cannot write {self.path}: {self.cause}" + (f"; {self.note}" if self.note else "")
-
-    def __reduce__(self):
-        return WriteError, (self.path, self.cause, self.errno, self.note)
-
-
-def _is_torch_write_failure(err):
-    # torch.save reports a failed write as an enforce failure of its zip writer, without the errno.
-    return isinstance(err, RuntimeError) and ("inline_container" in str(err) or "PytorchStreamWriter" in str(err))
-
-
-def as_write_error(err, path, written=None):
-    """`err` as a WriteError naming `path` when it is a failure to write `path` (or, for a folder,
-    the files in it); otherwise None. `written` is where the bytes actually went (a temporary name):
-    an OSError naming any other file, an input, is not a write failure of `path`."""
-    if isinstance(err, WriteError):
-        return err
-    if isinstance(err, OSError):
-        if err.filename is not None:
-            name = os.path.abspath(os.fsdecode(err.filename))
-            ours = [os.path.abspath(p) for p in (path, written) if p is not None]
-            if not any(name == p or name.startswith(p + os.sep) for p in ours):
-                return None
-            if written is not None and name.startswith(os.path.abspath(written) + os.sep):
-                path = os.path.join(path, os.path.relpath(name, os.path.abspath(written)))
-        return WriteError(path, os_error_cause(err), err.errno)
-    if _is_torch_write_failure(err):
-        return WriteError(path, "the write failed (" + str(err).splitlines()[0] + "): is the disk full?")
-    return None
-
-
-@contextlib.contextmanager
-def writing(path):
-    """Turn a failure to write `path` inside the block into a `WriteError` naming it."""
-    try:
-        yield
-    except Exception as err:
-        converted = as_write_error(err, path)
-        if converted is None or converted is err:
-            raise
-        raise converted from None
-
 
 class Terminated(KeyboardInterrupt):
     """Raised by `run_main`'s SIGTERM handler, so a SIGTERM unwinds (and cleans up) like Ctrl-C."""
@@ -253,153 +201,74 @@ def _file_size_limit_is_an_error():
         signal.signal(signal.SIGXFSZ, previous)
 
 
+def _report(err):
+    """(the one line, the exit status) that `run_main` reports for `err`; None for an unexpected error."""
+    if isinstance(err, UserError):
+        return f"error: {err}", 2
+    if isinstance(err, Stopped):
+        return str(err), 128 + err.signum
+    if isinstance(err, KeyboardInterrupt):
+        signum = getattr(err, "signum", signal.SIGINT)
+        return f"stopped by {signal_name(signum)} before finishing", 128 + signum
+    if isinstance(err, WriteError):
+        return f"error: {err}", IO_ERROR_STATUS
+    if isinstance(err, OSError):
+        where = f"{os.fsdecode(err.filename)}: " if err.filename is not None else ""
+        return f"error: {where}{os_error_cause(err)}", IO_ERROR_STATUS
+    return None
+
+
 def run_main(main, *args, **kwargs):
     """Run a script's `main` with one-line reports and the exit statuses of the module docstring.
 
     `UserError` prints `error: ...` and exits 2; a file that cannot be written or read (`WriteError`,
     any other OSError) prints `error: ...` and exits 74; `Stopped` (work saved) prints its message and
     exits 128 + its signal; Ctrl-C or SIGTERM anywhere else prints one line and exits 130 or 143.
+    Under several processes a rank that fails ends every rank, each with its line and status
+    (`dist_util.end_together`), and a rank that finishes waits for the others at a last barrier.
     """
     try:
         with _one_line_argparse_errors(), _sigterm_raises(), _file_size_limit_is_an_error():
-            return main(*args, **kwargs)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except Stopped as stop:
-        print(str(stop), file=sys.stderr)
-        sys.exit(128 + stop.signum)
-    except KeyboardInterrupt as err:
-        signum = getattr(err, "signum", signal.SIGINT)
-        print(f"stopped by {signal_name(signum)} before finishing", file=sys.stderr)
-        sys.exit(128 + signum)
-    except WriteError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(IO_ERROR_STATUS)
-    except OSError as err:
-        where = f"{os.fsdecode(err.filename)}: " if err.filename is not None else ""
-        print(f"error: {where}{os_error_cause(err)}", file=sys.stderr)
-        sys.exit(IO_ERROR_STATUS)
-
-
-def _reraise_as_write_error(err, path, written):
-    converted = as_write_error(err, path, written)
-    if converted is not None and converted is not err:
-        raise converted from None
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path beside `path`; rename it to `path` only if the block succeeds.
-
-    The file is flushed to disk before the rename (a network file system may report a full quota
-    only then). A failure to write it is a `WriteError` naming `path`; the temporary file is removed.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    with writing(path):
-        os.makedirs(directory, exist_ok=True)
-        base = os.path.basename(path)
-        stem, ext = os.path.splitext(base)
-        fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=directory)
-        os.close(fd)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files; give the usual permissions
-    try:
-        yield tmp
-        _flush_to_disk(tmp)
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        _reraise_as_write_error(err, path, tmp)
-        raise
-
-
-def _flush_to_disk(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_directory(path):
-    """Yield a temporary folder beside `path`; if the block succeeds it replaces `path` (and any
-    earlier folder there), otherwise it is removed and an earlier `path` stays untouched.
-
-    A failure to write a file in it is a `WriteError` naming that file at its final place (or `path`).
-    """
-    path = os.path.abspath(os.fspath(path))
-    parent = os.path.dirname(path)
-    with writing(path):
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
-        old = None
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=parent)
-            os.rmdir(old)
-            os.rename(path, old)
-        os.rename(tmp, path)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _reraise_as_write_error(err, path, tmp)
-        raise
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-class _WholeWrites:
-    """A file for torch.save that writes every byte or raises, and keeps the OSError it raised:
-    torch's zip writer replaces it by an enforce failure that has lost the errno."""
-
-    def __init__(self, file):
-        self.file = file
-        self.error = None
-
-    def write(self, data):
-        view = memoryview(data).cast("B")
-        try:
-            while view:
-                view = view[self.file.write(view):]
-        except OSError as err:
-            self.error = err
+            result = main(*args, **kwargs)
+            distributed = _process_group()
+            if distributed is not None:
+                distributed.barrier()  # a rank failing after the others finished still ends them all
+            return result
+    except (Exception, KeyboardInterrupt) as err:
+        report = _report(err)
+        distributed = _process_group()
+        if distributed is not None:
+            _end_every_rank(distributed, err, report)
+        if report is None:
             raise
-        return len(data)
-
-    def flush(self):
-        self.file.flush()
+        print(report[0], file=sys.stderr)
+        sys.exit(report[1])
 
 
-def atomic_torch_save(obj, path):
-    """`torch.save` that never leaves a half-written file at `path`; a failed write is a `WriteError`."""
-    import torch
+def _process_group():
+    """`dist_util` when this process is one of several ranks (torch is imported by then), else None."""
+    if "torch.distributed" not in sys.modules:
+        return None
+    from . import dist_util
 
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb", buffering=0) as f:
-            writer = _WholeWrites(f)
-            try:
-                torch.save(obj, writer)
-            except Exception:
-                if writer.error is not None:
-                    raise writer.error from None
-                raise
+    return dist_util if dist_util.is_distributed() else None
 
 
-def atomic_write_text(path, text):
-    """Write `text` to `path` atomically."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as f:
-            f.write(text)
+def _end_every_rank(dist_util, err, report):
+    """This rank failed with `err`: every rank prints the line of the first rank that failed and exits
+    with its status; an unexpected error of this rank's own prints its traceback and exits 1."""
+    with contextlib.suppress(ValueError):  # the launcher stops the others once one exits: finish first
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    own = report or (f"error: rank {dist_util.get_rank()} failed: {type(err).__name__}: {detail}", 1)
+    line, status = own
+    status, line = dist_util.end_together(status, line)
+    if report is None and (line, status) == own:
+        traceback.print_exception(err)
+    else:
+        print(line, file=sys.stderr, flush=True)
+    dist_util.wait_for_the_others()
+    sys.exit(status)
 
 
 def require_dir(path, flag):
@@ -442,22 +311,3 @@ def removed_on_failure(directory, keep=None, flag=None):
                         os.remove(path)
             remove_empty_folders(new_folders)
         raise
-
-
-def missing_folders(path):
-    """The folders `os.makedirs(path)` would create, deepest first."""
-    folders = []
-    folder = os.path.abspath(os.fspath(path))
-    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
-        folders.append(folder)
-        folder = os.path.dirname(folder)
-    return folders
-
-
-def remove_empty_folders(folders):
-    """Remove `folders` (deepest first) while they are empty: what a failed run created and left empty."""
-    for folder in folders:
-        try:
-            os.rmdir(folder)
-        except OSError:
-            break

@@ -5,12 +5,25 @@ torchrun the usual RANK / WORLD_SIZE / MASTER_* variables are used; under an
 MPI launcher rank 0 picks a free port and shares it through mpi4py. A plain
 `python script.py` is a world of one and initialises nothing. The backend is
 NCCL when each process has a GPU, gloo otherwise.
+
+One rank's failure ends every rank (`end_together`, called by `cli.run_main`): the failing rank
+writes its one line and exit status into the process group's key-value store, prints the line
+and waits (a few seconds at most) until every rank has read it. Each other rank has a watcher
+thread that looks at the store twice a second (`_watch_for_failures`): finding the line, it
+prints it and ends the process with the same status, whether its main thread waits in a
+collective (which, with gloo or NCCL, would not fail before the failing rank exits or times out)
+or is busy elsewhere. A rank whose main thread fails by itself meanwhile (its collective lost a
+peer) takes the line from the store in the same way, so that every rank reports the first failure.
 """
 
+import contextlib
 import io
 import os
 import pickle
 import socket
+import sys
+import threading
+import time
 
 import blobfile as bf
 import torch
@@ -59,6 +72,7 @@ def setup_dist(backend=None):
     os.environ["RANK"] = str(rank)
     os.environ["WORLD_SIZE"] = str(world_size)
     dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size)
+    _watch_for_failures()
 
 
 def _single_node(comm):
@@ -176,3 +190,107 @@ def all_gather_objects(obj):
 def cleanup():
     if is_distributed():
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# One rank's failure ends every rank
+
+_FAILURE_KEY = "guided_diffusion/failure"  # "STATUS\nLINE" of the first rank that failed
+_ENDED_KEY = "guided_diffusion/ended"  # how many ranks are ready to exit
+WATCH_INTERVAL = 0.5  # seconds between the watcher's looks at the store
+WATCH_GRACE = 0.5  # seconds the watcher leaves the main thread to report a failure of its own first
+END_TIMEOUT = 10.0  # seconds a failing run waits for every rank to be ready to exit
+_store = None  # the default group's store, kept past the group's abort
+_ending_lock = threading.Lock()
+_ending = False
+
+
+def _claim_ending():
+    """True for the first caller in this process (the main thread or the watcher), which ends it."""
+    global _ending
+    with _ending_lock:
+        first, _ending = not _ending, True
+    return first
+
+
+def _decode(value):
+    status, line = value.decode().split("\n", 1)
+    return int(status), line
+
+
+def _watch_for_failures():
+    """Start the thread that ends this rank when another one has reported a failure and this rank's
+    main thread is not reporting one itself within `WATCH_GRACE` seconds: it prints the line and
+    exits with the status at once (`os._exit`: the main thread may be blocked in a collective)."""
+    global _store
+    try:
+        _store = dist.distributed_c10d._get_default_store()
+        store = _store.clone()  # a connection of its own: the main thread uses the other one
+    except Exception:  # a store without these calls: failures end the ranks as before
+        return
+
+    def watch():
+        try:
+            while not store.check([_FAILURE_KEY]):
+                if _ending:
+                    return
+                time.sleep(WATCH_INTERVAL)
+            time.sleep(WATCH_GRACE)
+        except Exception:  # the store's host (rank 0, or the launcher) has gone: nothing left to watch
+            return
+        if _claim_ending():
+            _end_process(store)
+
+    threading.Thread(target=watch, name="failure-watch", daemon=True).start()
+
+
+def _end_process(store):
+    """Print the reported line, tell the failing rank this one is ready, and exit with the status."""
+    try:
+        status, line = _decode(store.get(_FAILURE_KEY))
+    except Exception:
+        status, line = 1, "error: another rank failed (its report could not be read)"
+    try:
+        print(line, file=sys.stderr, flush=True)
+        store.add(_ENDED_KEY, 1)
+    finally:
+        os._exit(status)
+
+
+def end_together(status, line):
+    """This rank failed with `line` and exit `status`: report it to the other ranks (the first report
+    wins, and every rank ends with its line and status) and abort this rank's process group (NCCL:
+    so that exiting does not wait on its pending collectives). Returns the (status, line) to report;
+    without a store or a process group, this rank's own. Blocks for good if the watcher thread is
+    already ending the process."""
+    if _store is None or not is_distributed():
+        return status, line
+    if not _claim_ending():
+        threading.Event().wait()  # the watcher prints the line and exits
+    try:
+        shared = _store.compare_set(_FAILURE_KEY, "", f"{status}\n{line}")
+        status, line = _decode(shared)
+    except Exception:  # the store has gone with its host: this rank's own line
+        pass
+    try:
+        dist.distributed_c10d._abort_process_group()
+    except Exception:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+    return status, line
+
+
+def wait_for_the_others(timeout=END_TIMEOUT):
+    """After `end_together`: wait (at most `timeout` s) until every rank is ready to exit, so that the
+    rank holding the store does not end before the others have read the line from it."""
+    if _store is None:
+        return
+    deadline = time.monotonic() + timeout
+    try:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        ready = _store.add(_ENDED_KEY, 1)
+        while ready < world_size and time.monotonic() < deadline:
+            time.sleep(0.05)
+            ready = _store.add(_ENDED_KEY, 0)
+    except Exception:  # the store has gone: the others have read it, or cannot any more
+        pass

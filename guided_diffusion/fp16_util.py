@@ -1,5 +1,5 @@
-"""Float16 weights for inference (`--use_fp16` when sampling): convolutions are cast to float16,
-normalisations and embeddings stay float32. Training keeps float32 weights and uses autocast
+"""Float16 weights for inference (`use_fp16` of the configuration, when sampling): convolutions are
+cast to float16, normalisations and embeddings stay float32. Training keeps float32 weights and uses autocast
 (`train.precision`)."""
 
 import torch.nn as nn

@@ -16,31 +16,26 @@ import numpy as np
 import torch as th
 from tqdm.auto import tqdm
 
-from .cli import UserError
+from .errors import ParameterError
 from .losses import discretized_gaussian_log_likelihood, normal_kl
 from .nn import mean_flat
 
 
-class FlagValueError(UserError, ValueError):
-    """A bad flag value: a ValueError for library callers, a one-line error for scripts."""
-
-
-def get_named_beta_schedule(name, num_diffusion_timesteps):
-    """Return the float64 betas of the schedule `name` ("linear" or "cosine") over T steps."""
-    if name == "linear":
+def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):
+    """Return the float64 betas of the schedule `schedule_name` ("linear" or "cosine") over T steps."""
+    if schedule_name == "linear":
         # Scaled so that any T spans the same noise range as the original T=1000 schedule.
         scale = 1000.0 / num_diffusion_timesteps
         if scale * 0.02 >= 1.0:
-            raise FlagValueError(
-                f"--diffusion_steps: the linear schedule needs more than 20 steps, got {num_diffusion_timesteps}"
-            )
+            raise ParameterError("num_diffusion_timesteps",
+                                 f"the linear schedule needs more than 20 steps, got {num_diffusion_timesteps}")
         return np.linspace(scale * 1e-4, scale * 0.02, num_diffusion_timesteps, dtype=np.float64)
-    if name == "cosine":
+    if schedule_name == "cosine":
         return betas_for_alpha_bar(
             num_diffusion_timesteps,
             lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2,
         )
-    raise FlagValueError(f"--noise_schedule: unknown schedule {name!r} (expected 'linear' or 'cosine')")
+    raise ParameterError("schedule_name", f"unknown schedule {schedule_name!r} (expected 'linear' or 'cosine')")
 
 
 def betas_for_alpha_bar(num_diffusion_timesteps, alpha_bar, max_beta=0.999):

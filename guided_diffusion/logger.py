@@ -6,7 +6,7 @@ accumulate values; `dumpkvs` writes one row to every format: the terminal
 (`json`) and TensorBoard (`tensorboard`, if installed). `log(...)` writes free
 text to the terminal and `log.txt`. Only rank 0 writes the key-value formats;
 other ranks keep a `log-rankNNN.txt` of their own text. A file that cannot be written (full disk,
-quota, I/O error) is a `cli.WriteError` naming it.
+quota, I/O error) is a `files.WriteError` naming it.
 """
 
 import csv
@@ -17,7 +17,7 @@ import sys
 import tempfile
 from collections import defaultdict
 
-from .cli import atomic_path, writing
+from .files import atomic_path, writing
 
 DEFAULT_FORMATS = "stdout,log,csv"
 

@@ -26,7 +26,7 @@ import torch
 
 from .checkpoint_util import ARGS_FILE, check_same_diffusion, load_classifier, load_model_and_diffusion, parse_step
 from .cli import UserError, atomic_directory
-from .train.checkpoints import read_checkpoint
+from .weights import read_checkpoint
 
 FORMAT = 1
 DDPM_WEIGHTS = "ddpm/model.pt"

@@ -6,7 +6,7 @@ import numpy as np
 import torch as th
 import torch.distributed as dist
 
-from .gaussian_diffusion import FlagValueError
+from .errors import ParameterError
 
 
 def timestep_limit(num_timesteps, max_noise_level):
@@ -26,7 +26,7 @@ def create_named_schedule_sampler(name, diffusion, max_noise_level=1.0):
         return UniformSampler(diffusion, max_noise_level)
     if name == "loss-second-moment":
         return LossSecondMomentResampler(diffusion, max_noise_level=max_noise_level)
-    raise FlagValueError(f"--schedule_sampler: unknown sampler {name!r} (expected 'uniform' or 'loss-second-moment')")
+    raise ParameterError("name", f"unknown sampler {name!r} (expected 'uniform' or 'loss-second-moment')")
 
 
 class ScheduleSampler(ABC):

@@ -3,7 +3,8 @@
 import numpy as np
 import torch as th
 
-from .gaussian_diffusion import FlagValueError, GaussianDiffusion, TimestepModel
+from .errors import ParameterError
+from .gaussian_diffusion import GaussianDiffusion, TimestepModel
 
 
 def space_timesteps(num_timesteps, section_counts):
@@ -15,7 +16,7 @@ def space_timesteps(num_timesteps, section_counts):
         and each section keeps its count of steps, evenly strided, first and last included;
       - a list of ints: the same as the comma form;
       - "" (or None): every step.
-    Impossible requests raise a ValueError naming --timestep_respacing.
+    Impossible requests raise a `ParameterError` naming `section_counts`.
     """
     if section_counts is None or section_counts == "":
         return set(range(num_timesteps))
@@ -25,14 +26,14 @@ def space_timesteps(num_timesteps, section_counts):
         try:
             section_counts = [int(part) for part in section_counts.split(",")]
         except ValueError:
-            raise FlagValueError(
-                f"--timestep_respacing: {section_counts!r} is not 'ddimN', a count or comma-separated counts"
+            raise ParameterError(
+                "section_counts", f"{section_counts!r} is not 'ddimN', a count or comma-separated counts"
             ) from None
     counts = [int(c) for c in section_counts]
     if not counts or any(c < 0 for c in counts):
-        raise FlagValueError(f"--timestep_respacing: step counts must be non-negative integers, got {counts}")
+        raise ParameterError("section_counts", f"step counts must be non-negative integers, got {counts}")
     if len(counts) > num_timesteps:
-        raise FlagValueError(f"--timestep_respacing: {len(counts)} sections for only {num_timesteps} steps")
+        raise ParameterError("section_counts", f"{len(counts)} sections for only {num_timesteps} steps")
 
     base_size, remainder = divmod(num_timesteps, len(counts))
     kept = []
@@ -40,9 +41,7 @@ def space_timesteps(num_timesteps, section_counts):
     for index, count in enumerate(counts):
         size = base_size + (1 if index < remainder else 0)  # earlier sections absorb the remainder
         if count > size:
-            raise FlagValueError(
-                f"--timestep_respacing: section {index} has {size} steps, cannot keep {count} of them"
-            )
+            raise ParameterError("section_counts", f"section {index} has {size} steps, cannot keep {count} of them")
         stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
         kept.extend(start + round(stride * k) for k in range(count))
         start += size
@@ -53,14 +52,13 @@ def _ddim_steps(num_timesteps, spec):
     try:
         wanted = int(spec[len("ddim"):])
     except ValueError:
-        raise FlagValueError(f"--timestep_respacing: {spec!r} is not of the form 'ddimN'") from None
+        raise ParameterError("section_counts", f"{spec!r} is not of the form 'ddimN'") from None
     for stride in range(1, num_timesteps + 1):
         steps = range(0, num_timesteps, stride)
         if len(steps) == wanted:
             return set(steps)
-    raise FlagValueError(
-        f"--timestep_respacing: no integer stride gives exactly {wanted} of {num_timesteps} steps ({spec!r})"
-    )
+    raise ParameterError("section_counts",
+                         f"no integer stride gives exactly {wanted} of {num_timesteps} steps ({spec!r})")
 
 
 class SpacedDiffusion(GaussianDiffusion):

@@ -5,11 +5,12 @@ Defaults live in plain dicts (`model_and_diffusion_defaults`, `classifier_defaul
 `--key value` flags (booleans are `--flag True/False`), and the `create_*` functions build
 networks and diffusions from the same keys. The checks that turn a bad image size or
 attention resolution into a one-line error naming the flag live here, because
-this is where flag names are known.
+this is where flag names are known: the diffusion and network modules below raise
+`errors.ParameterError` naming their parameters, and the factories here name the flag instead.
 """
 
 from . import gaussian_diffusion as gd
-from .cli import UserError
+from .cli import UserError, flag_names
 from .cli import str2bool  # noqa: F401 (re-exported for scripts that import it from here)
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import EncoderUNetModel, UNetModel
@@ -192,6 +193,12 @@ def check_heads(widths, num_heads, num_head_channels, heads_flag, channels_flag)
             raise UserError(f"{heads_flag} {num_heads} does not divide the {w} channels of an attention layer")
 
 
+def _network_flags(prefix=""):
+    """{parameter of UNetModel / EncoderUNetModel: the flag that feeds it}, for `flag_names`."""
+    names = ("channel_mult", "attention_resolutions", "num_head_channels", "pool")
+    return {"image_size": "--image_size", **{name: f"--{prefix}{name}" for name in names}}
+
+
 def _attention_widths(widths, attention_ds):
     """Widths of the attention layers: the levels with attention, and the middle block."""
     return [w for level, w in enumerate(widths) if 2**level in attention_ds] + [widths[-1]]
@@ -255,25 +262,26 @@ def create_model(
     if class_cond and num_classes < 2:
         raise UserError(f"--num_classes {num_classes}: a class-conditional model needs at least 2 classes")
     _at_least(num_classes, 1, "--num_classes")
-    return UNetModel(
-        image_size=image_size,
-        in_channels=in_channels,
-        model_channels=num_channels,
-        out_channels=in_channels * (2 if learn_sigma else 1),
-        num_res_blocks=num_res_blocks,
-        attention_resolutions=attention_ds,
-        dropout=dropout,
-        channel_mult=mult,
-        num_classes=num_classes if class_cond else None,
-        use_checkpoint=use_checkpoint,
-        use_fp16=use_fp16,
-        num_heads=num_heads,
-        num_head_channels=num_head_channels,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        resblock_updown=resblock_updown,
-        use_new_attention_order=use_new_attention_order,
-    )
+    with flag_names(_network_flags()):
+        return UNetModel(
+            image_size=image_size,
+            in_channels=in_channels,
+            model_channels=num_channels,
+            out_channels=in_channels * (2 if learn_sigma else 1),
+            num_res_blocks=num_res_blocks,
+            attention_resolutions=attention_ds,
+            dropout=dropout,
+            channel_mult=mult,
+            num_classes=num_classes if class_cond else None,
+            use_checkpoint=use_checkpoint,
+            use_fp16=use_fp16,
+            num_heads=num_heads,
+            num_head_channels=num_head_channels,
+            num_heads_upsample=num_heads_upsample,
+            use_scale_shift_norm=use_scale_shift_norm,
+            resblock_updown=resblock_updown,
+            use_new_attention_order=use_new_attention_order,
+        )
 
 
 def create_classifier(
@@ -319,20 +327,21 @@ def create_classifier(
     # The encoder's attention layers use one head unless a head width is given.
     check_heads(_attention_widths(widths, attention_ds) + pooled, 1, classifier_num_head_channels, None,
                 "--classifier_num_head_channels")
-    return EncoderUNetModel(
-        image_size=image_size,
-        in_channels=in_channels,
-        model_channels=classifier_width,
-        out_channels=num_classes,
-        num_res_blocks=classifier_depth,
-        attention_resolutions=attention_ds,
-        channel_mult=mult,
-        use_fp16=classifier_use_fp16,
-        num_head_channels=classifier_num_head_channels,
-        use_scale_shift_norm=classifier_use_scale_shift_norm,
-        resblock_updown=classifier_resblock_updown,
-        pool=classifier_pool,
-    )
+    with flag_names(_network_flags("classifier_")):
+        return EncoderUNetModel(
+            image_size=image_size,
+            in_channels=in_channels,
+            model_channels=classifier_width,
+            out_channels=num_classes,
+            num_res_blocks=classifier_depth,
+            attention_resolutions=attention_ds,
+            channel_mult=mult,
+            use_fp16=classifier_use_fp16,
+            num_head_channels=classifier_num_head_channels,
+            use_scale_shift_norm=classifier_use_scale_shift_norm,
+            resblock_updown=classifier_resblock_updown,
+            pool=classifier_pool,
+        )
 
 
 def diffusion_from_config(config):
@@ -363,7 +372,11 @@ def create_gaussian_diffusion(
 ):
     """A SpacedDiffusion (all `steps` when `timestep_respacing` is empty)."""
     _at_least(steps, 1, "--diffusion_steps")
-    betas = gd.get_named_beta_schedule(noise_schedule, steps)
+    flags = {"schedule_name": "--noise_schedule", "num_diffusion_timesteps": "--diffusion_steps",
+             "section_counts": "--timestep_respacing"}
+    with flag_names(flags):
+        betas = gd.get_named_beta_schedule(noise_schedule, steps)
+        use_timesteps = space_timesteps(steps, timestep_respacing or [steps])
     if use_kl:
         loss_type = gd.LossType.RESCALED_KL
     elif rescale_learned_sigmas:
@@ -377,7 +390,7 @@ def create_gaussian_diffusion(
     else:
         var_type = gd.ModelVarType.FIXED_LARGE
     return SpacedDiffusion(
-        use_timesteps=space_timesteps(steps, timestep_respacing or [steps]),
+        use_timesteps=use_timesteps,
         betas=betas,
         model_mean_type=gd.ModelMeanType.START_X if predict_xstart else gd.ModelMeanType.EPSILON,
         model_var_type=var_type,

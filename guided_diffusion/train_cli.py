@@ -34,7 +34,8 @@ import torch
 
 from . import dist_util, logger
 from .checkpoint_util import ARGS_FILE, merge_config, read_args_json, write_args_json
-from .cli import Stopped, UserError, atomic_torch_save, explicit_flags, removed_on_failure, require_dir, signal_name
+from .cli import (Stopped, UserError, atomic_torch_save, explicit_flags, flag_names, removed_on_failure, require_dir,
+                  signal_name)
 from .classifier_util import ClassifierTrainLoop
 from .resample import create_named_schedule_sampler
 from .run_lock import folder_lock
@@ -234,6 +235,12 @@ def _train(args, saved_config, make_loop, message):
     return loop
 
 
+def _schedule_sampler(args, diffusion):
+    """The sampler of --schedule_sampler and --max_noise_level (its errors naming the flag)."""
+    with flag_names({"name": "--schedule_sampler"}):
+        return create_named_schedule_sampler(args.schedule_sampler, diffusion, args.max_noise_level)
+
+
 class _made_dir:
     """Other ranks: wait for rank 0 to create the folder (the barrier is inside the block)."""
 
@@ -262,7 +269,7 @@ def ddpm_main(argv=None, *, description, **overrides):
         data = build_data(args, config, args.split, config["class_cond"])
         torch.manual_seed(args.seed)  # the same initial weights for the same --seed
         model, diffusion = create_model_and_diffusion(**config)
-        sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion, args.max_noise_level)
+        sampler = _schedule_sampler(args, diffusion)
         resolve_amp(args.amp, config["use_fp16"], dist_util.dev())
 
         def make_loop():
@@ -332,7 +339,7 @@ def classifier_main(argv=None, *, description, **overrides):
         torch.manual_seed(args.seed)
         model = create_classifier(**{k: config[k] for k in classifier_keys})
         diffusion = diffusion_from_config(config)  # the full chain: classifier_config clears the respacing
-        sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion, args.max_noise_level)
+        sampler = _schedule_sampler(args, diffusion)
         resolve_amp(args.amp, config["classifier_use_fp16"], dist_util.dev())
 
         def make_loop():

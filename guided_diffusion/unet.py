@@ -31,15 +31,15 @@ def _check_levels(image_size, channel_mult, attention_resolutions):
     levels = len(channel_mult)
     if image_size % 2 ** (levels - 1):
         raise ModelConfigError(
-            f"image size {image_size} is not divisible by {2 ** (levels - 1)}, "
-            f"as the {levels} levels of channel_mult {tuple(channel_mult)} require"
+            "image_size", f"{image_size} is not divisible by {2 ** (levels - 1)}, "
+                          f"as the {levels} levels of channel_mult {tuple(channel_mult)} require"
         )
     factors = {2**i for i in range(levels)}
     missing = sorted(set(attention_resolutions) - factors)
     if missing:
         raise ModelConfigError(
-            f"attention downsample factors {missing} never occur in a network with channel_mult "
-            f"{tuple(channel_mult)} (available: {sorted(factors)}); check --attention_resolutions"
+            "attention_resolutions", f"the downsample factors {missing} never occur in a network with "
+                                     f"channel_mult {tuple(channel_mult)} (available: {sorted(factors)})"
         )
 
 
@@ -281,10 +281,10 @@ class EncoderUNetModel(_Encoder):
         super().__init__()
         del num_heads_upsample  # no decoder; accepted so the UNet's flag set can be passed through
         if pool not in POOLS:
-            raise ModelConfigError(f"--classifier_pool {pool!r} is not one of {', '.join(POOLS)}")
+            raise ModelConfigError("pool", f"{pool!r} is not one of {', '.join(POOLS)}")
         if pool == "attention" and num_head_channels == -1:
             raise ModelConfigError(
-                "--classifier_pool attention needs num_head_channels != -1 (attention pooling splits heads by width)"
+                "pool", "attention needs num_head_channels != -1 (attention pooling splits heads by width)"
             )
         _check_levels(image_size, channel_mult, attention_resolutions)
         self.image_size = image_size

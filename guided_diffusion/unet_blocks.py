@@ -3,20 +3,22 @@
 Names follow the openai improved/guided-diffusion family (ResBlock in_layers/emb_layers/
 out_layers/skip_connection, AttentionBlock norm/qkv/attention/proj_out), so checkpoints of that
 family load. `unet.py` assembles them into the UNet and its encoder-half classifier.
+
+Two operations have a faster form than the textbook one: nearest x2 upsampling (a broadcast copy on
+the CPU) and attention (q, k, v made contiguous for the fused kernel). `set_kernels` and its context
+manager `kernels` swap in other implementations of either, e.g. the original code's behaviour in
+the benchmarks; the defaults are `DEFAULT_KERNELS`.
 """
 
+import contextlib
 from abc import abstractmethod
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cli import UserError
+from .errors import ModelConfigError  # noqa: F401  (re-exported: raised by the blocks and `unet`)
 from .nn import SiLU, avg_pool_nd, checkpoint, conv_nd, linear, normalization, zero_module
-
-
-class ModelConfigError(UserError, ValueError):
-    """An impossible network configuration; a user-fixable error that is also a ValueError."""
 
 
 class TimestepBlock(nn.Module):
@@ -55,7 +57,7 @@ class Upsample(nn.Module):
 
     def forward(self, x):
         assert x.shape[1] == self.channels
-        x = _nearest_2x(x)  # 3-D signals: the inner two dimensions only
+        x = _kernels["upsample_2x"](x)  # 3-D signals: the inner two dimensions only
         return self.conv(x) if self.use_conv else x
 
 
@@ -165,6 +167,32 @@ def _attention(q, k, v):
     return F.scaled_dot_product_attention(q, k, v).transpose(-1, -2)
 
 
+# The implementations the blocks call: `upsample_2x(x)` and `attention(q, k, v)`.
+DEFAULT_KERNELS = {"upsample_2x": _nearest_2x, "attention": _attention}
+_kernels = dict(DEFAULT_KERNELS)
+
+
+def set_kernels(upsample_2x=None, attention=None):
+    """Make the blocks of this process call `upsample_2x(x)` for nearest x2 upsampling of the last two
+    dimensions and `attention(q, k, v)` for softmax(q^T k / sqrt(d)) v of (N, heads, d, T) tensors
+    (None keeps the current one). Returns the previous {name: implementation}, for `set_kernels(**it)`."""
+    previous = dict(_kernels)
+    for name, kernel in (("upsample_2x", upsample_2x), ("attention", attention)):
+        if kernel is not None:
+            _kernels[name] = kernel
+    return previous
+
+
+@contextlib.contextmanager
+def kernels(upsample_2x=None, attention=None):
+    """`set_kernels` while the block runs; the previous implementations afterwards."""
+    previous = set_kernels(upsample_2x, attention)
+    try:
+        yield
+    finally:
+        set_kernels(**previous)
+
+
 class QKVAttentionLegacy(nn.Module):
     """Multi-head attention on a (B, 3*H*C, T) qkv tensor whose heads are split before q/k/v.
 
@@ -180,7 +208,7 @@ class QKVAttentionLegacy(nn.Module):
         assert width % (3 * self.n_heads) == 0
         ch = width // (3 * self.n_heads)
         q, k, v = qkv.reshape(batch, self.n_heads, 3 * ch, length).split(ch, dim=2)
-        return _attention(q, k, v).reshape(batch, -1, length)
+        return _kernels["attention"](q, k, v).reshape(batch, -1, length)
 
 
 class QKVAttention(nn.Module):
@@ -195,7 +223,7 @@ class QKVAttention(nn.Module):
         assert width % (3 * self.n_heads) == 0
         ch = width // (3 * self.n_heads)
         q, k, v = (t.reshape(batch, self.n_heads, ch, length) for t in qkv.chunk(3, dim=1))
-        return _attention(q, k, v).reshape(batch, -1, length)
+        return _kernels["attention"](q, k, v).reshape(batch, -1, length)
 
 
 def _heads(channels, num_heads, num_head_channels):
@@ -203,7 +231,7 @@ def _heads(channels, num_heads, num_head_channels):
         return num_heads
     if channels % num_head_channels:
         raise ModelConfigError(
-            f"num_head_channels {num_head_channels} does not divide the {channels} channels of an attention layer"
+            "num_head_channels", f"{num_head_channels} does not divide the {channels} channels of an attention layer"
         )
     return channels // num_head_channels
 

@@ -1,7 +1,7 @@
 """Benchmark: CG-CDM at today's and at new settings against the original code's per-image loop, side by side.
 
 For each image size, in one run, each variant in a process of its own and timed in turns
-(`segment.timing.benchmark`):
+(`bench.timing.benchmark`):
 
   today's defaults   `cdm_saliency` batched (both branches and every image in one UNet call per step,
                      the guidance classifier once per step) at --noise_level, --steps, --tau,
@@ -32,11 +32,12 @@ import sys
 
 import torch
 
-from guided_diffusion import benchmarks, dist_util
+from guided_diffusion import dist_util
+from guided_diffusion.bench import benchmarks
+from guided_diffusion.bench.timing import CdmSettings, Inputs, Variant, benchmark
 from guided_diffusion.cli import UserError, atomic_write_text, run_main
 from guided_diffusion.segment.postprocess import MaskOptions
 from guided_diffusion.volumes import parse_int_list
-from guided_diffusion.segment.timing import CdmSettings, Inputs, Variant, benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

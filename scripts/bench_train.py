@@ -73,25 +73,20 @@ class Variant:
 
         from guided_diffusion import unet_blocks
 
-        fused = unet_blocks._attention
-        if self.variant == "explicit_attention":
-            unet_blocks._attention = explicit_attention
-        try:
+        with unet_blocks.kernels(attention=explicit_attention if self.variant == "explicit_attention" else None):
             start = time.perf_counter()
             for _ in range(steps):
                 self.loop.run_step(self.images, self.cond)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             return time.perf_counter() - start
-        finally:
-            unet_blocks._attention = fused
 
 
 def forward_rate(config_name, repeats):
     """(GFLOP of one forward pass of the configuration's batch, seconds of it, best of `repeats`)."""
     import torch
 
-    from guided_diffusion.benchmarks import count_flops, timed
+    from guided_diffusion.bench.benchmarks import count_flops, timed
     from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
     spec = CONFIGS[config_name]
@@ -165,7 +160,7 @@ def main():
           f"after {args.warmup} warm-up, variants in turns")
     memory = "peak GPU MiB" if cuda else "peak RSS MiB"
     print(f"{'config':<7} {'size':>4} {'batch':>5}  {'variant':<19} {'images/s':>9} {'vs default':>10} {memory:>13}")
-    from guided_diffusion.benchmarks import matmul_flops_per_second
+    from guided_diffusion.bench.benchmarks import matmul_flops_per_second
 
     matmul = matmul_flops_per_second(torch.device("cuda" if cuda else "cpu")) / 1e9
     context = multiprocessing.get_context("spawn")

@@ -4,7 +4,7 @@ The first command to run on a new GPU machine. On the device present (CUDA, else
 the CPU) it runs a small CDM and CG-CDM pass and a few training steps in each precision (with
 --compile, compiled too), compares the maps (correlation, largest difference, Dice of the Otsu
 masks) and the losses with the float32 run, and prints speed and agreement as a table
-(`guided_diffusion.precision_check`). Networks: the shipped demo models (runs/demo) on demo
+(`guided_diffusion.bench.precision_check`). Networks: the shipped demo models (runs/demo) on demo
 validation slices when both exist (on random images without the slices), else tiny random networks
 (--tiny forces them). Exit status 1 when an agreement falls outside the stated tolerances.
 
@@ -20,10 +20,11 @@ import sys
 
 import torch
 
-from guided_diffusion import benchmarks, dist_util
+from guided_diffusion import dist_util
+from guided_diffusion.bench import benchmarks
+from guided_diffusion.bench.precision_check import CheckSettings, check_precisions, tolerance_text
 from guided_diffusion.cli import UserError, atomic_write_text, run_main
 from guided_diffusion.inference import PRECISIONS
-from guided_diffusion.precision_check import CheckSettings, check_precisions, tolerance_text
 from guided_diffusion.segment.chain import per_image_noise
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -20,11 +20,12 @@ import sys
 
 import torch
 
-from guided_diffusion import benchmarks, dist_util
+from guided_diffusion import dist_util
+from guided_diffusion.bench import benchmarks
+from guided_diffusion.bench.timing import CdmSettings, Inputs, load_inputs, profile_cgcdm
 from guided_diffusion.cli import UserError, atomic_write_text, run_main
 from guided_diffusion.segment.postprocess import MaskOptions
 from guided_diffusion.volumes import parse_int_list
-from guided_diffusion.segment.timing import CdmSettings, Inputs, load_inputs, profile_cgcdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

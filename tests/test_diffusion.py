@@ -8,6 +8,7 @@ import torch as th
 
 from guided_diffusion import gaussian_diffusion as gd
 from guided_diffusion.cli import UserError
+from guided_diffusion.errors import ParameterError
 from guided_diffusion.losses import discretized_gaussian_log_likelihood, normal_kl
 from guided_diffusion.respace import SpacedDiffusion, space_timesteps
 
@@ -78,11 +79,11 @@ def test_cosine_schedule_matches_independent_formula_and_reference():
     assert abar[500] == pytest.approx(0.492, abs=5e-4)
 
 
-def test_unknown_schedule_names_the_flag():
-    with pytest.raises(ValueError, match="--noise_schedule"):
+def test_unknown_schedule_names_the_parameter():
+    with pytest.raises(ParameterError, match="^schedule_name: unknown schedule 'quadratic'") as info:
         gd.get_named_beta_schedule("quadratic", 100)
-    with pytest.raises(UserError):
-        gd.get_named_beta_schedule("quadratic", 100)
+    assert isinstance(info.value, ValueError) and not isinstance(info.value, UserError)
+    assert info.value.named("--noise_schedule").startswith("--noise_schedule: unknown schedule")
 
 
 def test_loss_type_is_vb():
@@ -604,7 +605,7 @@ def test_calc_bpd_loop_shapes_and_prior():
     assert (out["vb"][:, 1:] >= -1e-6).all()  # KL terms are non-negative
 
 
-def test_linear_schedule_too_short_is_a_flag_error():
-    with pytest.raises(ValueError, match="--diffusion_steps"):
+def test_linear_schedule_too_short_is_a_parameter_error():
+    with pytest.raises(ParameterError, match="^num_diffusion_timesteps: the linear schedule needs more than 20"):
         gd.get_named_beta_schedule("linear", 20)
     assert gd.get_named_beta_schedule("linear", 21).max() < 1

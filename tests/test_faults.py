@@ -9,6 +9,7 @@ traceback, and that the last complete checkpoint still loads.
 import errno
 import os
 import pickle
+import re
 import resource
 import shutil
 import signal
@@ -195,6 +196,51 @@ def test_a_file_size_limit_during_a_checkpoint_is_one_line_and_the_run_resumes(r
     status, err = run_cli(flags(runs["data"], run, "--max_steps", "6", "--resume_checkpoint", "auto"), capsys)
     assert status == 0, err
     assert_same_checkpoint(run, runs["straight"], 6)
+
+
+BIN = Path(sys.executable).parent
+LAUNCHERS = {"torchrun": [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2"],
+             "mpiexec": [str(BIN / "mpiexec"), "-n", "2", sys.executable]}
+
+
+@pytest.mark.parametrize("launcher, fault", [("torchrun", "checkpoint"), ("torchrun", "log"), ("mpiexec", "log")])
+def test_a_write_failure_on_rank_0_ends_both_ranks_at_once_with_its_line_and_status(tmp_path, launcher, fault):
+    """Only rank 0 writes the log and the checkpoints. `checkpoint`: under a file-size limit its first
+    checkpoint fails while rank 1 waits at the barrier after the save; `log`: its log is a full device,
+    and its first line fails while rank 1 waits in DDP's first collective (which, before, kept mpiexec's
+    ranks waiting until gloo's 30-minute timeout). Both ranks end within seconds, each with rank 0's line
+    and exit status 74."""
+    if not Path(LAUNCHERS[launcher][0]).exists():
+        pytest.skip(f"{launcher} is not installed")
+    data = write_slices(tmp_path / "data")
+    run = tmp_path / "run"
+    command = [*LAUNCHERS[launcher], *train_command(data, run, "--max_steps", "4")[1:]]
+    limit = 60_000  # above the logs and args.json, below a checkpoint file of this network
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    if fault == "log":
+        run.mkdir()
+        (run / "log.txt").symlink_to("/dev/full")
+        written, cause = run / "log.txt", "no space left on device"
+    else:
+        written = run / "ema_0.99_000002.pt"
+        cause = "file too large (a file-size limit: ulimit -f, or the file system's); no checkpoint was saved yet"
+    start = time.monotonic()
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300,
+                            preexec_fn=limited if fault == "checkpoint" else None)
+    seconds = time.monotonic() - start
+    err = result.stderr
+    line = f"error: cannot write {written}: {cause}"
+    assert [entry.split("\r")[-1] for entry in err.splitlines()].count(line) == 2, err  # one line per rank
+    assert err.count("Traceback") == (launcher == "torchrun"), err  # torchrun's own report, no rank's
+    if launcher == "torchrun":  # its report of each rank's exit status (it exits 1 itself)
+        assert sorted(int(s) for s in re.findall(r"^\s*exitcode\s*:\s*(-?\d+)", err, re.M)) == [74, 74], err
+    else:
+        assert result.returncode == 74, err
+    assert seconds < 60, seconds  # gloo's timeout is 30 minutes
+    assert not run.exists() or not list(run.glob("*.pt"))  # nothing saved
 
 
 def test_the_shared_writers_name_the_file_and_the_cause(tmp_path):

@@ -218,7 +218,7 @@ CHECK_GPU = os.path.join(REPO, "scripts", "check_gpu.py")
 
 
 def test_map_agreement_of_equal_opposite_and_perturbed_maps():
-    from guided_diffusion.precision_check import map_agreement
+    from guided_diffusion.bench.precision_check import map_agreement
 
     maps = np.zeros((2, 8, 8), np.float32)
     maps[:, 2:5, 3:6] = 1.0
@@ -256,7 +256,7 @@ def test_check_gpu_on_tiny_networks_reports_every_precision_and_fails_outside_th
         import check_gpu
     finally:
         sys.path.pop(0)
-    from guided_diffusion import precision_check
+    from guided_diffusion.bench import precision_check
 
     monkeypatch.setitem(precision_check.TOLERANCES, "bf16", {**precision_check.TOLERANCES["bf16"], "correlation": 1.01})
     with pytest.raises(SystemExit) as exit_info:
@@ -310,9 +310,31 @@ def test_kept_freed_memory_does_not_grow_over_repeated_batches():
 # The profile of scripts/profile_seg.py
 
 
+def test_benchmark_levers_switch_the_networks_through_their_public_switch():
+    from guided_diffusion import unet_blocks
+    from guided_diffusion.bench.benchmarks import LEVERS, switch_off
+
+    model, _ = random_unet()
+    x, _ = images(2)
+    t, y = torch.tensor([3, 40]), torch.tensor([0, 1])
+    with torch.no_grad():
+        default = model(x, t, y=y)
+    try:
+        switch_off(("upsample_copy", "contiguous_attention"))
+        assert unet_blocks._kernels != unet_blocks.DEFAULT_KERNELS
+        with torch.no_grad():
+            original = model(x, t, y=y)  # F.interpolate and strided attention: the same numbers
+        assert torch.allclose(original, default, atol=1e-5)
+    finally:
+        unet_blocks.set_kernels(**unet_blocks.DEFAULT_KERNELS)
+    with pytest.raises(ValueError, match="unknown levers"):
+        switch_off(("warp_drive",))
+    assert set(LEVERS) >= {"upsample_copy", "contiguous_attention"}
+
+
 def test_profile_counts_each_network_call_and_leaves_the_maps_unchanged():
-    from guided_diffusion.benchmarks import count_flops
-    from guided_diffusion.segment.timing import CdmSettings, profile_cgcdm
+    from guided_diffusion.bench.benchmarks import count_flops
+    from guided_diffusion.bench.timing import CdmSettings, profile_cgcdm
 
     model, diffusion = random_unet()
     classifier = random_classifier()

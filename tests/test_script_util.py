@@ -51,6 +51,21 @@ def test_attention_resolutions_map_to_downsample_factors():
         create_classifier(224, classifier_attention_resolutions="32,16,8")
 
 
+def test_the_factories_name_the_flag_where_the_library_names_its_parameter():
+    from guided_diffusion.cli import UserError, flag_names
+    from guided_diffusion.errors import ParameterError
+    from guided_diffusion.script_util import create_gaussian_diffusion
+
+    for kwargs, expected in [(dict(steps=100, noise_schedule="quadratic"), "--noise_schedule: unknown schedule"),
+                             (dict(steps=20), "--diffusion_steps: the linear schedule needs more than 20 steps"),
+                             (dict(steps=100, timestep_respacing="ddim99"), "--timestep_respacing: no integer stride")]:
+        with pytest.raises(UserError, match="^" + expected):
+            create_gaussian_diffusion(**kwargs)
+    with pytest.raises(ParameterError, match="^other: "):  # a parameter no flag fed stays the library's error
+        with flag_names({"schedule_name": "--noise_schedule"}):
+            raise ParameterError("other", "not a flag")
+
+
 def test_factory_builds_learned_sigma_model_and_spaced_diffusion():
     model, diffusion = create_model_and_diffusion(**tiny_config(learn_sigma=True, in_channels=2, timestep_respacing="10"))
     out = model(torch.randn(3, 2, 32, 32), torch.tensor([0, 5, 9]), y=torch.tensor([0, 1, 1]))

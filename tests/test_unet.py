@@ -132,6 +132,37 @@ def test_upsample_repeats_each_value_in_a_two_by_two_block_as_interpolate_does(d
     assert torch.allclose(grad, expected_grad, atol=1e-6)
 
 
+def test_kernels_switch_the_blocks_implementations_and_restore_them():
+    from guided_diffusion import unet_blocks
+
+    model = randomize_zero_params(tiny_unet()).eval()
+    x, t, y = torch.randn(2, 1, 32, 32), torch.tensor([3, 40]), torch.tensor([0, 1])
+    with torch.no_grad():
+        default = model(x, t, y=y)
+    calls = []
+
+    def interpolate(x):
+        calls.append("upsample_2x")
+        return torch.nn.functional.interpolate(x, (x.shape[-2] * 2, x.shape[-1] * 2), mode="nearest")
+
+    def explicit(q, k, v):
+        calls.append("attention")
+        weights = torch.einsum("nhct,nhcs->nhts", q * q.shape[-2] ** -0.5, k).softmax(dim=-1)
+        return torch.einsum("nhts,nhcs->nhct", weights, v)
+
+    with unet_blocks.kernels(upsample_2x=interpolate, attention=explicit), torch.no_grad():
+        switched = model(x, t, y=y)
+    assert {"upsample_2x", "attention"} <= set(calls)
+    assert torch.allclose(switched, default, atol=1e-5)
+    assert unet_blocks._kernels == unet_blocks.DEFAULT_KERNELS  # restored after the block
+    previous = unet_blocks.set_kernels(attention=explicit)
+    try:
+        assert unet_blocks._kernels["attention"] is explicit and previous == unet_blocks.DEFAULT_KERNELS
+    finally:
+        unet_blocks.set_kernels(**previous)
+    assert unet_blocks._kernels == unet_blocks.DEFAULT_KERNELS
+
+
 def test_attention_block_is_identity_at_init_and_uses_head_channels():
     block = AttentionBlock(64, num_head_channels=16)
     assert block.num_heads == 4
@@ -352,9 +383,9 @@ def test_encoder_output_shape_and_cam_target(pool):
 
 
 def test_encoder_attention_pool_needs_head_channels():
-    with pytest.raises(ValueError, match="classifier_pool"):
+    with pytest.raises(ValueError, match="^pool: attention needs num_head_channels"):
         tiny_encoder("attention", num_head_channels=-1)
-    with pytest.raises(ValueError, match="classifier_pool"):
+    with pytest.raises(ValueError, match="^pool: 'median' is not one of"):
         tiny_encoder("median")
 
 

@@ -48,7 +48,7 @@ def cdm_timesteps(q, steps, stride=1):
     if stride < 1:
         raise ValueError(f"stride {stride}: must be a positive integer")
     if q - steps * stride < 0:
-        raise ValueError(f"steps {steps} with --stride {stride} would step below t=0 from the noise level Q={q}")
+        raise ValueError(f"steps {steps} with stride {stride} would step below t=0 from the noise level Q={q}")
     return [q - j * stride for j in range(steps + 1)]
 
 

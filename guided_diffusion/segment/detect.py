@@ -11,7 +11,7 @@ training split (`choose_threshold`, recorded by the ablation), never with valida
 import numpy as np
 import torch
 
-from ..classifier_util import binary_auroc
+from ..metrics import binary_auroc
 from .pipeline import LESION_LABEL
 from .postprocess import foreground_mask, otsu_separability
 

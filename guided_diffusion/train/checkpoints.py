@@ -14,73 +14,45 @@ record) counts as complete when its model, optimizer and EMA files all read. `--
 auto` takes the newest complete step; a broken newer one (truncated, emptied, changed) is skipped
 with one warning and its files are set aside as `NAME.broken`, never deleted.
 
-Every file is read with `torch.load(weights_only=True)`: tensors and plain data only, so a
-checkpoint from someone else is data, not code. A file whose pickle would call anything else
-(`os.system`, ...) is refused with one line, whichever way it was chosen.
+Every file is read with `weights.read_checkpoint` (`torch.load(weights_only=True)`): tensors and
+plain data only, so a checkpoint from someone else is data, not code. A file whose pickle would call
+anything else (`os.system`, ...) is refused with one line, whichever way it was chosen. The reading
+and the `{prefix}{step:06d}.pt` names live in `weights`, which inference shares.
 """
 
-import glob
 import hashlib
 import json
 import os
-import pickle
-import pickletools
-import re
 import sys
-import warnings
-import zipfile
 
 import numpy as np
 import torch
 
 from .. import dist_util
 from ..cli import UserError, atomic_torch_save, atomic_write_text
+from ..weights import (  # noqa: F401  (reading weights is shared with inference; re-exported for old imports)
+    RefusedCheckpoint,
+    UnreadableCheckpoint,
+    is_optimizer_file,
+    latest_checkpoint,
+    load_weights,
+    parse_step,
+    read_checkpoint,
+    step_file,
+    step_files,
+)
 
-_STEP_RE = re.compile(r"(\d+)\.pt$")
 BROKEN_SUFFIX = ".broken"
-
-
-class UnreadableCheckpoint(UserError):
-    """A checkpoint file that is missing, empty, truncated or changed since it was written."""
-
-
-class RefusedCheckpoint(UserError):
-    """A checkpoint file whose pickle would run code: never loaded, also not under `auto`."""
 
 
 def checkpoint_files(save_dir, step, ema_rates):
     """Paths of the files that make up the checkpoint at `step` (`record`: its completion record)."""
     return {
-        "model": os.path.join(save_dir, f"model{step:06d}.pt"),
-        "opt": os.path.join(save_dir, f"opt{step:06d}.pt"),
-        "ema": {rate: os.path.join(save_dir, f"ema_{rate}_{step:06d}.pt") for rate in ema_rates},
+        "model": step_file(save_dir, "model", step),
+        "opt": step_file(save_dir, "opt", step),
+        "ema": {rate: step_file(save_dir, f"ema_{rate}_", step) for rate in ema_rates},
         "record": os.path.join(save_dir, f"checkpoint{step:06d}.json"),
     }
-
-
-def parse_step(path):
-    """The step number in `model000123.pt`-style names (0 when there is none)."""
-    match = _STEP_RE.search(os.path.basename(path))
-    return int(match.group(1)) if match else 0
-
-
-def is_optimizer_file(path):
-    """Whether `path` is named like an optimizer file `opt{step}.pt`."""
-    return re.fullmatch(r"opt\d+\.pt", os.path.basename(path)) is not None
-
-
-def step_files(save_dir, prefix="model"):
-    """The `{prefix}NNNNNN.pt` files in `save_dir`, oldest step first."""
-    pattern = re.compile(rf"{re.escape(prefix)}\d+\.pt")
-    paths = [p for p in glob.glob(os.path.join(glob.escape(save_dir), f"{glob.escape(prefix)}[0-9]*.pt"))
-             if pattern.fullmatch(os.path.basename(p))]
-    return sorted(paths, key=parse_step)
-
-
-def latest_checkpoint(save_dir, prefix="model"):
-    """Newest `{prefix}NNNNNN.pt` in `save_dir`, or None."""
-    paths = step_files(save_dir, prefix)
-    return paths[-1] if paths else None
 
 
 def _files_of(model_path, ema_rates):
@@ -294,117 +266,6 @@ def _newest_complete(save_dir, ema_rates, warn):
             f"checkpoint (no {os.path.basename(files['record'])}, and an optimizer or ema_{{rate}} file of "
             f"--ema_rate is missing: another --ema_rate?); give a model file by name to resume from it")
     return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading
-
-
-def _numpy_arrays():
-    """What the pickle of a numpy array names: optimizer files of earlier versions hold the sampler
-    history as arrays. Rebuilding one makes an array of a given dtype and bytes, nothing else."""
-    core = getattr(np, "_core", None) or np.core
-    numeric_dtypes = [type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDG"]
-    return [core.multiarray._reconstruct, np.ndarray, np.dtype, *numeric_dtypes,
-            (core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct")]  # numpy 1's module name
-
-
-def read_checkpoint(path, flag, shared=True):
-    """`torch.load(weights_only=True)` of `path` on the CPU; any failure to read it is a UserError naming
-    `flag` and the path: `RefusedCheckpoint` for a pickle that would run code, `UnreadableCheckpoint`
-    for the rest (a text file, an empty or truncated file; torch raises KeyError, IndexError, EOFError
-    or RuntimeError, depending on the first bytes).
-
-    `shared`: rank 0 reads the file and every process gets it (call it on every rank); else a plain
-    read by this process alone.
-    """
-    where = f"{flag} {path}" if flag else str(path)
-    if os.path.isdir(path):
-        raise UserError(f"{where}: is a folder, not a checkpoint file")
-    if not os.path.isfile(path):
-        raise UnreadableCheckpoint(f"{where}: no such checkpoint file")
-    try:
-        with torch.serialization.safe_globals(_numpy_arrays()), warnings.catch_warnings():
-            # A pickle not written by torch.save (refused or unreadable below) need not warn as well.
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            if shared:
-                return dist_util.load_state_dict(path, map_location="cpu", weights_only=True)
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as err:
-        raise UnreadableCheckpoint(f"{where}: cannot be read ({err.strerror or err})") from None
-    except Exception as err:
-        code = _code_in_pickle(path) if isinstance(err, pickle.UnpicklingError) else None
-        if code:
-            raise RefusedCheckpoint(f"{where}: refused, its pickle would call {code}; a checkpoint is data, "
-                                    f"not code, and is only read as tensors and plain values") from None
-        raise UnreadableCheckpoint(f"{where}: not a readable PyTorch checkpoint "
-                                   f"(empty, truncated, or not a file written by torch.save)") from None
-
-
-# Globals a plain checkpoint names; anything else in a refused pickle is what the message reports.
-_PLAIN_GLOBALS = ("torch.", "collections.", "numpy.", "_codecs.encode", "builtins.set")
-
-
-def _code_in_pickle(path):
-    """The first global outside tensors and plain data that the pickle of `path` names (read as
-    opcodes, never run), e.g. 'posix.system'; None when none is found."""
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
-                data = archive.read(name)
-        else:
-            with open(path, "rb") as f:
-                data = f.read()
-        strings, memo = [], {}  # the strings pushed so far, and those memoized (STACK_GLOBAL takes two)
-        for opcode, arg, _ in pickletools.genops(data):
-            name = None
-            if opcode.name in ("GLOBAL", "INST"):
-                name = arg.replace(" ", ".")
-            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-                name = ".".join(strings[-2:])
-            elif opcode.name == "MEMOIZE" and strings:
-                memo[len(memo)] = strings[-1]
-            elif opcode.name in ("PUT", "BINPUT", "LONG_BINPUT") and strings:
-                memo[arg] = strings[-1]
-            elif opcode.name in ("GET", "BINGET", "LONG_BINGET") and arg in memo:
-                strings.append(memo[arg])
-            elif isinstance(arg, str):
-                strings.append(arg)
-            if name and not name.startswith(_PLAIN_GLOBALS):
-                return name
-    except Exception:  # a damaged pickle: nothing to name
-        return None
-    return None
-
-
-def load_weights(module, path, flag):
-    """Load a state dict into `module`, turning an unreadable file or a shape or key mismatch into a UserError."""
-    if is_optimizer_file(path) and os.path.isfile(path):
-        model_name = os.path.basename(checkpoint_files("", parse_step(path), ())["model"])
-        raise UserError(f"{flag} {path}: an optimizer file; give the {model_name} (or ema_*.pt) of that step")
-    state = read_checkpoint(path, flag)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
-        raise UserError(f"{flag} {path}: expected a state dict of tensors, found {type(state).__name__}")
-    bad = [name for name, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise UserError(f"{flag} {path}: parameter {bad[0]} holds NaN or infinite values")
-    own = module.state_dict()
-    for name, tensor in state.items():
-        if name in own and own[name].shape != tensor.shape:
-            raise UserError(
-                f"{flag} {path}: parameter {name} has shape {tuple(tensor.shape)} but the configuration "
-                f"builds {tuple(own[name].shape)}"
-            )
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise UserError(f"{flag} {path}: checkpoint does not fit the configured network ({detail})")
-    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
-    return module
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import benchmarks
 from ..guidance import make_classifier_cond_fn
 from ..inference import prepare_for_inference
 from ..metrics import dice
-from .chain import noise_step, per_image_noise
-from .postprocess import saliency_to_mask
-from .saliency import anomaly_saliency, cdm_saliency
+from ..segment.chain import noise_step, per_image_noise
+from ..segment.postprocess import saliency_to_mask
+from ..segment.saliency import anomaly_saliency, cdm_saliency
+from . import benchmarks
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def load_inputs(inputs):
     """{model, diffusion, classifier, x0, y1, noise, masks (or None), device} for `inputs`."""
     device = torch.device(inputs.device)
     if inputs.shipped:
-        from .pipeline import load_slice_set
+        from ..segment.pipeline import load_slice_set
 
         model, diffusion, classifier = benchmarks.shipped_networks(inputs.models_dir, device)
         slices = load_slice_set(inputs.src_dir, "validation", image_size=inputs.size, in_channels=model.in_channels,
@@ -229,7 +229,7 @@ def prepare_variant(inputs, variant):
                 net.to(memory_format=torch.channels_last)
         cond_fn = make_classifier_cond_fn(setup.classifier, s.classifier_scale) if s.classifier_scale else None
         if cond_fn is not None and "shared_first_step" in levers_off:
-            cond_fn = benchmarks._without_shared_first_step(cond_fn)
+            cond_fn = benchmarks.without_shared_first_step(cond_fn)
 
         def run(steps=None, images=None):
             if variant.kind == "anomaly":

@@ -22,13 +22,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import benchmarks, logger
-from .cli import UserError
-from .guidance import make_classifier_cond_fn
-from .inference import PRECISIONS, autocast_dtype, prepare_for_inference
-from .metrics import dice
-from .segment.postprocess import saliency_to_mask
-from .segment.saliency import cdm_saliency
+from .. import logger
+from ..cli import UserError
+from ..guidance import make_classifier_cond_fn
+from ..inference import PRECISIONS, autocast_dtype, prepare_for_inference
+from ..metrics import dice
+from ..segment.postprocess import saliency_to_mask
+from ..segment.saliency import cdm_saliency
+from . import benchmarks
+from .timing import CdmSettings
 
 # Agreement with float32 a precision must reach: the map correlation and mask Dice at least, the
 # relative map difference and the relative loss difference at most.
@@ -40,11 +42,9 @@ TOLERANCES = {
 
 
 @dataclass(frozen=True)
-class CheckSettings:
-    noise_level: float = 0.1
-    steps: int = 10
-    tau: float = 0.0
-    classifier_scale: float = 10.0
+class CheckSettings(CdmSettings):
+    """The CG-CDM settings of the maps, and the training steps and seed of the loss check."""
+
     train_steps: int = 3
     seed: int = 0
 
@@ -78,7 +78,7 @@ def _maps(model, diffusion, classifier, x0, y1, noise, settings, precision, comp
 
 def _training_losses(model, diffusion, x0, labels, settings, precision, device):
     """(seconds per step, losses) of `train_steps` DDPM training steps at `precision` from `model`'s weights."""
-    from .train.loop import TrainLoop
+    from ..train.loop import TrainLoop
 
     class RecordingLoop(TrainLoop):
         def compute_loss(self, batch, cond):

@@ -20,16 +20,16 @@ from collections import defaultdict
 
 import torch
 
-from .checkpoint_util import load_classifier, load_model_and_diffusion, read_args_json
-from .inference import NetworkWrapper
-from .script_util import (
+from ..checkpoint_util import load_classifier, load_model_and_diffusion, read_args_json
+from ..inference import NetworkWrapper
+from ..script_util import (
     classifier_defaults,
     create_classifier,
     create_model_and_diffusion,
     diffusion_from_config,
     model_and_diffusion_defaults,
 )
-from .train.flags import SIZE_DEFAULTS
+from ..train.flags import SIZE_DEFAULTS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +168,7 @@ def original_style_cgcdm(model, diffusion, classifier, x0, q, steps, tau, scale,
     """The original code's CG-CDM, one image at a time: a cloned model whose label-embedding row 0 holds
     tau*E[1] + (1-tau)*E[0], two UNet calls and two guidance calls per step, the difference copied
     to the host every step, its step indices (noised to Q, first step at Q - 1). Returns maps (N, H, W)."""
-    from .guidance import make_classifier_cond_fn
+    from ..guidance import make_classifier_cond_fn
 
     clone = copy.deepcopy(model)
     with torch.no_grad():
@@ -209,7 +209,8 @@ def _strided_attention(q, k, v):
     return out.transpose(-1, -2)
 
 
-def _without_shared_first_step(cond_fn):
+def without_shared_first_step(cond_fn):
+    """`cond_fn` computing the guidance on every row, without sharing the first step's (a lever off)."""
     def every_row(x, t, guide_copies=None, **kwargs):
         return cond_fn(x, t, **kwargs)
 
@@ -226,16 +227,15 @@ LEVERS = {
 
 
 def switch_off(levers):
-    """Switch off the network levers among `levers` in this process (for a worker)."""
-    from . import unet_blocks
+    """Switch off the network levers among `levers` in this process (for a worker), through the
+    networks' public switch `unet_blocks.set_kernels`."""
+    from .. import unet_blocks
 
     unknown = set(levers) - set(LEVERS)
     if unknown:
         raise ValueError(f"unknown levers {sorted(unknown)}; known: {', '.join(LEVERS)}")
-    if "upsample_copy" in levers:
-        unet_blocks._nearest_2x = _interpolate_nearest_2x
-    if "contiguous_attention" in levers:
-        unet_blocks._attention = _strided_attention
+    unet_blocks.set_kernels(upsample_2x=_interpolate_nearest_2x if "upsample_copy" in levers else None,
+                            attention=_strided_attention if "contiguous_attention" in levers else None)
 
 
 def _worker_main(connection, build, threads):
