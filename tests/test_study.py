@@ -75,7 +75,7 @@ def test_ablation_points_match_direct_runs_and_choices_follow_the_rows(demo_like
     decisions = chosen["scan_decisions"]
     assert decisions["n_scans"] == 2 and len(decisions["subjects"]) == 2  # S0..S2, one in validation
     for name, key in (("mask_tuned", "dice"), ("label_free", "label_score")):
-        candidates = decisions["candidates"][name]
+        candidates = json.loads((out / "scan_decisions.json").read_text())[name]
         assert len(candidates) == len(candidate_decisions()) + 1 and candidates[0]["rule"] == "slices"
         assert candidates[0]["threshold"] == detection["threshold"]
         best_row = max(candidates, key=lambda r: r[key])

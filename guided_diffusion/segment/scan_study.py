@@ -11,8 +11,8 @@ point and its tumour probability, and each candidate decision of `scan_decision.
   the weak labels the method trains on, no mask; its rank correlation with the masks' Dice across the
   candidates is recorded (`label_score_spearman`).
 
-The records go to selection.json under each choice's `scan_decision`, and the table of candidates
-under `scan_decisions`.
+The records go to selection.json under each choice's `scan_decision`, a summary under
+`scan_decisions`, and the table of every candidate's scores to scan_decisions.json beside it.
 """
 
 import os

@@ -153,13 +153,17 @@ def ablation_main(argv=None):
                            batch_size=args.batch_size, seed=args.seed)
     chosen.update(model_path=os.path.abspath(ddpm_path), classifier_path=os.path.abspath(classifier_path),
                   src_dir=os.path.abspath(args.src_dir), split=args.split)
+    candidates = chosen.get("scan_decisions", {}).pop("candidates", None)
     save_study(args.out_dir, rows, chosen)
+    if candidates is not None:  # every candidate's training scores: a table beside the selection, not in it
+        atomic_write_text(os.path.join(args.out_dir, "scan_decisions.json"), json.dumps(candidates, indent=1) + "\n")
     print(json.dumps({k: v for k, v in chosen.items() if k != "postprocessing_candidates"}, indent=1))
     print("label-free criteria, Spearman rho with training Dice across the CG-CDM points: "
           + ", ".join(f"{name} {'-' if rho is None else format(rho, '.3f')}"
                     for name, rho in chosen["label_free_criteria"].items())
           + f"; label_free uses {chosen['label_free']['criterion']}")
-    print(f"wrote {args.out_dir}/ablation.json, ablation.png and selection.json")
+    print(f"wrote {args.out_dir}/ablation.json, ablation.png, selection.json"
+          + (" and scan_decisions.json" if candidates is not None else ""))
 
 
 def noise_range_main(argv=None):
