@@ -223,7 +223,7 @@ def prepare_scan(scan, options, lesion_labels=(), expected=None):
     size = options.image_size
     images = np.stack([cut_image(channels, box, z, size) for z in kept]) if kept else np.zeros((0, len(loaded), size, size), np.uint8)
     prepared = PreparedScan(scan=scan, images=torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0), z=kept,
-                            names=[f"{scan.name}_z{z:03d}" for z in kept], box=box, warnings=warnings)
+                            names=[f"{slice_stem(scan)}_z{z:03d}" for z in kept], box=box, warnings=warnings)
     if scan.reference:
         reference = nib.load(scan.reference)
         _check_same_grid(scan.reference, reference, scan.channels[0], headers[0])
@@ -283,6 +283,14 @@ class ScanWriter:
                        "probability": probability, "segmented": segmented}
         return row, records
 
+
+
+def slice_stem(scan):
+    """The subject a scan's slices are named after (`<subject>_z<zzz>`, as the converters name them): the
+    BraTS subject of a file named <subject>_<modality> or <subject>-<modality>, else the scan's name. A slice's
+    noise follows its name, so a scan gets the same noise whether given as a file or as its subject folder."""
+    parsed = layouts.parse_name(scan.channels[0]) if scan.channels else None
+    return parsed.subject if parsed is not None else scan.name
 
 
 def slice_rows(prepared):
