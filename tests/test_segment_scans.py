@@ -17,7 +17,7 @@ from guided_diffusion.metrics import dice_3d
 from guided_diffusion.segment import scans_command
 from guided_diffusion.segment.scan_decision import ScanDecision, ScanEvidence
 from guided_diffusion.segment.postprocess import MaskOptions
-from guided_diffusion.segment.scans import ScanWriter, Scan, prepare_scan
+from guided_diffusion.segment.scans import ScanWriter, Scan, find_scans, prepare_scan
 from guided_diffusion.volumes import SliceOptions, export_slice_dataset
 from test_image_p_seg import write_classifier, write_model, write_subject
 
@@ -269,3 +269,17 @@ def test_torchrun_shares_a_scan_between_two_processes_with_the_same_result(setup
     first, second = (json.loads((d / "summary.json").read_text()) for d in (one, two))
     assert first["scans"][0]["dice_3d"] == second["scans"][0]["dice_3d"]
     assert second["settings"]["world_size"] == 2
+
+
+def test_a_scan_given_as_its_file_or_as_its_subject_folder_gets_the_same_masks(setup, tmp_path):
+    flair = str(setup["raw"] / "S1" / "S1_flair.nii.gz")
+    by_file = prepare_scan(find_scans([flair], ("flair",))[0], OPTIONS)
+    by_folder = prepare_scan(find_scans([str(setup["raw"] / "S1")], ("flair",))[0], OPTIONS)
+    assert by_file.names == by_folder.names and by_folder.names[0].startswith("S1_z")  # the converter's names
+    extra = ["--method", "cg-cdm", "--classifier_path", setup["classifier"], "--scan_rule", "volume"]
+    file_out = run(setup, tmp_path / "file", *extra, inputs=[flair])
+    folder_out = run(setup, tmp_path / "folder", *extra, inputs=[str(setup["raw"] / "S1")])
+    for suffix in ("pred", "map"):
+        a = np.asarray(nib.load(file_out / f"S1_flair_{suffix}.nii.gz").dataobj)
+        b = np.asarray(nib.load(folder_out / f"S1_{suffix}.nii.gz").dataobj)
+        np.testing.assert_array_equal(a, b)
