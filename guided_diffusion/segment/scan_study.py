@@ -66,8 +66,9 @@ def every_slice_pipeline(method, detector, *, seed, noise_draws, device, progres
                     device=device, progress=progress)
 
 
-def study_scan_decisions(choices, scans, preprocessing, detection, *, batch_size=64, log=print):
-    """Choose the whole-scan decision of each choice on training `scans`.
+def study_scan_decisions(choices, scans, detection, *, batch_size=64, log=print):
+    """Choose the whole-scan decision of each choice on training `scans`: (Scan, its dataset's SliceOptions)
+    pairs.
 
     choices: {name: (pipeline, mask options, use_masks)}: the pipeline of the choice's operating point
     (`every_slice_pipeline`), its mask options, and whether masks may score it (`mask_tuned`) or only the
@@ -76,13 +77,13 @@ def study_scan_decisions(choices, scans, preprocessing, detection, *, batch_size
     """
     from .scans import prepare_scan
 
-    prepared = [prepare_scan(scan, preprocessing, preprocessing.lesion_labels) for scan in scans]
+    prepared = [prepare_scan(scan, preprocessing, preprocessing.lesion_labels) for scan, preprocessing in scans]
     slice_rule = None
     if detection:
         slice_rule = ScanDecision(rule="slices", threshold=float(detection["threshold"]),
                                   min_separability=float(detection.get("min_separability") or 0.0))
     candidates = candidate_decisions(slice_rule)
-    record = {"n_scans": len(prepared), "subjects": [s.name for s in scans], "candidates": {}}
+    record = {"n_scans": len(prepared), "subjects": [s.name for s, _ in scans], "candidates": {}}
     for name, (pipeline, options, use_masks) in choices.items():
         log(f"scan decision of {name}: {len(candidates)} candidates on {len(prepared)} training scans, scored "
             + ("against their masks" if use_masks else "by their slice labels alone"))
@@ -101,19 +102,23 @@ def study_scan_decisions(choices, scans, preprocessing, detection, *, batch_size
     return record
 
 
-def add_scan_decisions(chosen, models, src_dir, split, device, *, max_subjects=16, batch_size=64, seed=0, log=print):
+def add_scan_decisions(chosen, models, src_dir, split, device, *, max_subjects=16, extra_src_dirs=(), batch_size=64,
+                       seed=0, log=print):
     """Choose the whole-scan decision of `chosen`'s mask_tuned and label_free points (the ablation's
-    selection) on `max_subjects` training scans of the slice dataset `src_dir`; records each under its choice's
-    `scan_decision` and the comparison under `scan_decisions`."""
+    selection) on `max_subjects` training scans of the slice dataset `src_dir`, and every `split` scan of each
+    of `extra_src_dirs` (harder training data: small, multiple, edge tumours, healthy subjects); records each
+    under its choice's `scan_decision` and the comparison under `scan_decisions`."""
     from ..volumes import SETTINGS_NAME, read_settings
     from .scans import dataset_preprocessing
 
-    preprocessing, modalities = dataset_preprocessing(read_settings(src_dir), os.path.join(src_dir, SETTINGS_NAME))
-    scans = training_scans(src_dir, split, modalities, max_subjects)
+    scans = []
+    for root, count in ((src_dir, max_subjects), *((extra, 0) for extra in extra_src_dirs)):
+        preprocessing, modalities = dataset_preprocessing(read_settings(root), os.path.join(root, SETTINGS_NAME))
+        scans += [(scan, preprocessing) for scan in training_scans(root, split, modalities, count)]
     choices = {name: (*point_pipeline(models, chosen[name], device, seed=seed), use_masks)
                for name, use_masks in (("mask_tuned", True), ("label_free", False))}
-    record = study_scan_decisions(choices, scans, preprocessing, chosen.get("detection"), batch_size=batch_size,
-                                  log=log)
+    record = study_scan_decisions(choices, scans, chosen.get("detection"), batch_size=batch_size, log=log)
+    record["sources"] = [os.path.basename(os.path.normpath(root)) for root in (src_dir, *extra_src_dirs)]
     for name in choices:
         chosen[name]["scan_decision"] = record.pop(name)
     chosen["scan_decisions"] = record

@@ -80,6 +80,10 @@ def ablation_main(argv=None):
                              "of segment_scans.py: the 3-D rule's thresholds against the slice gate, scored by "
                              "whole-volume Dice (mask_tuned) or by slice labels alone (label_free) (0: none) "
                              "(default: %(default)s)")
+    parser.add_argument("--scan_extra_src_dirs", default="",
+                        help="comma list of further prepared slice datasets whose every training scan also scores "
+                             "the whole-scan decisions (harder data: small, multiple, edge tumours and healthy "
+                             "subjects, e.g. make_demo_data.py --profile stress) (default: none)")
     parser.add_argument("--tolerance", default=COST_TOLERANCE,
                         help="the cheapest point (fewest passes, R x noise draws) within this much training "
                              "Dice of the best is chosen: a number (0: the best), or 'se', one standard error of "
@@ -149,8 +153,11 @@ def ablation_main(argv=None):
     if args.scan_subjects:
         from .scan_study import add_scan_decisions
 
+        extra = [d.strip() for d in args.scan_extra_src_dirs.split(",") if d.strip()]
+        for folder in extra:
+            require_dir(folder, "--scan_extra_src_dirs")
         add_scan_decisions(chosen, models, args.src_dir, args.split, device, max_subjects=args.scan_subjects,
-                           batch_size=args.batch_size, seed=args.seed)
+                           extra_src_dirs=extra, batch_size=args.batch_size, seed=args.seed)
     chosen.update(model_path=os.path.abspath(ddpm_path), classifier_path=os.path.abspath(classifier_path),
                   src_dir=os.path.abspath(args.src_dir), split=args.split)
     candidates = chosen.get("scan_decisions", {}).pop("candidates", None)
