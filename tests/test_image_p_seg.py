@@ -353,3 +353,20 @@ def test_relative_manifests_survive_moving_the_dataset(setup, tmp_path):
                       "--raw_dir", str(elsewhere)])
     subject = read_csv(tmp_path / "found" / "volumes.csv")[0]["subject"]
     assert nib.load(tmp_path / "found" / "volumes" / f"{subject}_pred.nii.gz").shape == (24, 24, 8)
+
+
+def test_the_grid_shows_several_subjects_and_the_worst_slice(tmp_path):
+    from guided_diffusion.segment.postprocess import MaskOptions
+    from guided_diffusion.segment.report import VariantWriter
+
+    writer = VariantWriter(str(tmp_path), 0, (4, 4), MaskOptions(), grid_images=3)
+    empty = np.zeros((4, 4), bool)
+    for subject, z, area, dice in (("A", 1, 2, 0.9), ("A", 2, 5, 0.8), ("B", 1, 3, 0.1), ("C", 1, 1, 0.7),
+                                   ("D", 1, 4, 0.6), ("E", 1, 2, 0.95)):
+        gt = empty.copy()
+        gt.flat[:area] = True
+        writer._offer_to_grid((np.zeros((1, 4, 4)), gt, np.zeros((4, 4)), empty, f"{subject}_z{z:03d}.png", dice, True))
+    names = [entry[4] for entry in writer.grid]
+    # two evenly spaced subjects (A's largest lesion, E) and the lowest-Dice slice (B)
+    assert names == ["A_z002.png", "E_z001.png", "B_z001.png"]
+    writer.csv_file.close()

@@ -162,7 +162,30 @@ class VariantWriter:
         self.csv.writeheader()
         self.npz = StreamingNpz(os.path.join(folder, "saliency.npz"), (n_images, *shape))
         self.records = {key: [] for key, _, _ in MASK_KINDS}  # of the scored slices
-        self.scored_labels, self.separability, self.names, self.grid = [], [], [], []
+        self.scored_labels, self.separability, self.names = [], [], []
+        self.by_subject, self.worst = {}, None  # grid candidates: each subject's largest lesion, the lowest Dice
+
+    def _offer_to_grid(self, entry):
+        """Keep, per subject, its slice with the largest reference lesion (or its first slice), and the scored
+        slice of lowest Dice: the grid shows several subjects and a failure, not the first slices read."""
+        subject = os.path.splitext(os.path.basename(entry[4]))[0].rsplit("_z", 1)[0]
+        kept = self.by_subject.get(subject)
+        if kept is None or entry[1].sum() > kept[1].sum():
+            self.by_subject[subject] = entry
+        if entry[6] and entry[5] == entry[5] and (self.worst is None or entry[5] < self.worst[5]):
+            self.worst = entry
+
+    @property
+    def grid(self):
+        """The grid's rows: evenly spaced subjects, then the lowest-Dice slice (when it is not among them)."""
+        subjects = list(self.by_subject.values())
+        room = self.grid_images - (self.worst is not None)
+        chosen = ([subjects[k] for k in np.linspace(0, len(subjects) - 1, room).round().astype(int)]
+                  if len(subjects) > room else subjects)
+        chosen = list({entry[4]: entry for entry in chosen}.values())
+        if self.worst is not None and self.worst[4] not in {entry[4] for entry in chosen}:
+            chosen.append(self.worst)
+        return chosen[:self.grid_images]
 
     def add(self, result, maps):
         batch = result.batch
@@ -187,10 +210,10 @@ class VariantWriter:
                     row.update({c + suffix: record[c] for c in METRIC_COLUMNS if not (suffix and c == "gt_pixels")})
                 self.scored_labels.append(int(batch.labels[i]))
             self.csv.writerow(row)
-            if len(self.grid) < self.grid_images:
+            if self.grid_images:
                 dice = row.get("dice", float("nan"))
-                self.grid.append((images[i], batch.masks[i], maps[i], masks["otsu"][i], name,
-                                  float(dice) if dice != "" else float("nan"), bool(batch.has_mask[i])))
+                self._offer_to_grid((images[i], batch.masks[i], maps[i], masks["otsu"][i], name,
+                                     float(dice) if dice != "" else float("nan"), bool(batch.has_mask[i])))
         self.npz.write(maps)
         self.names.extend(batch.names)
 
@@ -198,9 +221,10 @@ class VariantWriter:
         """Close the files, draw the grid; returns the variant's scores."""
         self.csv_file.close()
         self.npz.close(self.names)
-        if self.grid:
+        grid = self.grid if self.grid_images else []
+        if grid:
             images, gts, maps, preds, names, dices, has_mask = (np.stack(c) if k < 4 else list(c)
-                                                                for k, c in enumerate(zip(*self.grid)))
+                                                                for k, c in enumerate(zip(*grid)))
             write_grid(os.path.join(self.folder, "grid.png"), images, gts, maps, preds, names, dices,
                        np.array(has_mask))
         labels = np.array(self.scored_labels)
