@@ -55,9 +55,12 @@ BODY = [
     (1, r"$a \leftarrow a + (x_{t_{\mathrm{next}}} - x'_{t_{\mathrm{next}}}) \,/\, (1 - \tau)$",
      r"finite difference along the condition"),
     (0, r"end for", None),
-    (0, r"$m \leftarrow \Sigma_c\, a_c$", r"sum over channels"),
+    (0, r"$m \leftarrow \Sigma_c\, a_c$;   repeat lines 1-13 for $K$ noise draws and average $m$",
+     r"sum over channels; mean over draws"),
+    (0, r"optionally $m \leftarrow \max(m, 0)$, then a Gaussian blur of $\sigma$ pixels",
+     r"positive part; blur (both off in the paper)"),
     (0, r"$m \leftarrow (m - \min\, m) \,/\, (\max\, m - \min\, m)$", r"per image (constant map: 0)"),
-    (0, r"$M \leftarrow m >$ Otsu threshold of $m$;   optionally keep the largest 4-connected component",
+    (0, r"$M \leftarrow m \geq$ Otsu threshold of $m$;   optionally keep the largest 4-connected component",
      r"per image"),
     (0, r"return $m$, $M$", None),
 ]
@@ -65,8 +68,11 @@ BODY = [
 FOOTNOTE = [
     r"$\bar\alpha_t = (1 - \beta_1) \cdots (1 - \beta_t)$ on the training chain;  $\Delta$ = spacing of the"
     r" $R$ steps on that chain, 1 by default (the paper's $t = Q \ldots Q - R$).",
-    r"Defaults: $Q = 400$, $R = 10$, $\tau = 0.95$, $s = 10$"
-    r"  (flags --noise_level, --steps, --tau, --classifier_scale).",
+    r"Paper defaults: $Q = 400$, $R = 10$, $\tau = 0.95$, $s = 10$, $K = 1$, no positive part, no blur (flags"
+    r" --noise_level, --steps,",
+    r"--tau, --classifier_scale, --noise_draws, --positive_part, --smooth_sigma).",
+    r"The demo's operating point (runs/demo/selection.json, chosen on the training split): $Q = 400$ of $T = 4000$,"
+    r" $R = 1$, $\tau = 0$, $s = 1$, $K = 2$, positive part, $\sigma = 1$.",
 ]
 
 FONT_SIZE = 12
