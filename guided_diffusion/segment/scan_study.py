@@ -118,7 +118,7 @@ def add_scan_decisions(chosen, models, src_dir, split, device, *, max_subjects=1
     choices = {name: (*point_pipeline(models, chosen[name], device, seed=seed), use_masks)
                for name, use_masks in (("mask_tuned", True), ("label_free", False))}
     record = study_scan_decisions(choices, scans, chosen.get("detection"), batch_size=batch_size, log=log)
-    record["sources"] = [os.path.basename(os.path.normpath(root)) for root in (src_dir, *extra_src_dirs)]
+    record["sources"] = [os.path.normpath(root) for root in (src_dir, *extra_src_dirs)]
     for name in choices:
         chosen[name]["scan_decision"] = record.pop(name)
     chosen["scan_decisions"] = record
