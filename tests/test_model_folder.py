@@ -226,3 +226,31 @@ def test_the_shipped_demo_folder_is_a_model_folder():
     assert preprocessing["options"]["image_size"] == 64 and preprocessing["options"]["min_lesion_pixels"] == 5
     for name, record in card["files"].items():
         assert os.path.getsize(os.path.join(demo, name)) == record["bytes"], name
+
+
+def test_compare_scan_decisions_scores_each_choice_and_decision_in_the_scans_grid(setup, tmp_path):
+    from guided_diffusion.metrics import dice_3d
+    from guided_diffusion.segment import compare_command
+
+    folder = tmp_path / "model"
+    selection = {**SELECTION, "label_free": {**SELECTION["mask_tuned"], "postprocessing": {}},  # the same point
+                 "mask_tuned": {**SELECTION["mask_tuned"], "scan_decision": {"rule": "volume", "seed_probability": 0.0,
+                                                                           "grow_probability": 0.0, "edge_fraction": 0.0,
+                                                                           "min_lesion_fraction": 0.0}}}
+    (tmp_path / "selection.json").write_text(json.dumps(selection))
+    export_model_folder(str(folder), ddpm=setup["ema"], classifier=setup["classifier"], dataset_json=str(setup["slices"]),
+                        selection=str(tmp_path / "selection.json"), log=lambda *a: None)
+    out = tmp_path / "compare"
+    compare_command.main(["--model_dir", str(folder), "--input", str(setup["raw"]), "--out", str(out),
+                          "--subjects", f"training:{setup['slices']}", "--batch_size", "4"])
+    report = json.loads((out / "comparison.json").read_text())
+    training = json.loads((setup["slices"] / "dataset.json").read_text())["subjects"]["training"]
+    assert sorted({r["scan"] for r in report["scans"]}) == sorted(training)
+    assert [(line["choice"], line["decision"]) for line in report["summary"]] == [
+        ("mask_tuned", "slices"), ("mask_tuned", "volume"), ("label_free", "slices")]
+    # threshold 0, seed 0, no edge caution, no size minimum: both decisions keep every slice's Otsu mask
+    tuned = {r["decision"]: r for r in report["scans"] if r["choice"] == "mask_tuned" and r["scan"] == training[0]}
+    assert tuned["slices"]["predicted_voxels"] == tuned["volume"]["predicted_voxels"] > 0
+    assert "| mask_tuned | volume |" in (out / "comparison.md").read_text()
+    reference = np.asarray(nib.load(setup["raw"] / training[0] / f"{training[0]}_seg.nii.gz").dataobj) > 0
+    assert 0 <= tuned["volume"]["dice_3d"] <= 1 and reference.any()

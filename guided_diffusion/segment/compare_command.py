@@ -18,8 +18,8 @@ from ..model_folder import DDPM_WEIGHTS, CLASSIFIER_WEIGHTS, PREPROCESSING, SELE
 from .report import clean_json
 from .scan_compare import compare_decisions, format_comparison, summarise_comparison
 from .scan_decision import ScanDecision
-from .scan_study import point_pipeline
-from .scans import dataset_preprocessing, find_scans, with_reference
+from .scan_study import point_pipelines
+from .scans import dataset_preprocessing, find_scans, slice_stem, with_reference
 from .settings_file import read_selection
 from .study import load_models
 
@@ -73,21 +73,24 @@ def main(argv=None):
     scans = with_reference(find_scans(args.input, modalities), args.reference)
     if args.subjects:
         keep = _split_subjects(args.subjects)
-        scans = [s for s in scans if s.name in keep or s.name.rsplit("_", 1)[0] in keep]
+        scans = [s for s in scans if slice_stem(s) in keep]  # the subject, however the scan was given
     missing = [s.name for s in scans if not s.reference]
     if not scans or missing:
         raise UserError(f"--input: {'no scan' if not scans else missing[0] + ' has no reference'} to compare on")
     detection = selection.get("detection") or {}
-    choices = {}
+    points = {}
     for name in [c.strip() for c in args.choices.split(",") if c.strip()]:
-        point = selection.get(name)
-        if not isinstance(point, dict) or "noise_level" not in point:
+        points[name] = selection.get(name)
+        if not isinstance(points[name], dict) or "noise_level" not in points[name]:
             raise UserError(f"--choices {name}: not a choice of the selection")
+    pipelines = point_pipelines(models, points, device, seed=args.seed)
+    choices = {}
+    for name, point in points.items():
         decisions = {"slices": ScanDecision(rule="slices", threshold=float(detection.get("threshold", 0.5)),
                                             min_separability=float(detection.get("min_separability") or 0.0))}
         if point.get("scan_decision"):
             decisions["volume"] = ScanDecision.from_dict(point["scan_decision"])
-        choices[name] = (*point_pipeline(models, point, device, seed=args.seed), decisions)
+        choices[name] = (*pipelines[name], decisions)
     rows = compare_decisions(scans, options, choices, batch_size=args.batch_size)
     lines = summarise_comparison(rows)
     title = args.title or f"Whole-scan decisions on {len(scans)} scans ({', '.join(args.input)})"

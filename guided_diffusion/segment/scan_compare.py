@@ -40,10 +40,12 @@ def compare_decisions(scans, preprocessing, choices, *, batch_size=64, log=print
         brain_voxels = int(np.count_nonzero(np.asarray(image.dataobj)))
         reference = prepared.reference.astype(bool)
         tumour_slices = prepared.labels == 1
+        by_pipeline = {}  # choices at one operating point share its evidence
         for choice, (pipeline, options, decisions) in choices.items():
-            began = time.perf_counter()
-            evidence = scan_evidence(pipeline, prepared, batch_size)
-            evidence_seconds = time.perf_counter() - began
+            if id(pipeline) not in by_pipeline:
+                began = time.perf_counter()
+                by_pipeline[id(pipeline)] = (scan_evidence(pipeline, prepared, batch_size), time.perf_counter() - began)
+            evidence, evidence_seconds = by_pipeline[id(pipeline)]
             for name, decision in decisions.items():
                 began = time.perf_counter()
                 masks, _ = decide(evidence, decision, options)

@@ -72,11 +72,6 @@ class ScanDecision:
             raise ValueError(f"unknown scan decision key {unknown[0]!r} (known: {', '.join(sorted(known))})")
         return cls(**values)
 
-    @property
-    def segments_every_slice(self):
-        """Whether the pipeline must compute the map of every slice (the 3-D rule decides afterwards)."""
-        return self.rule == "volume"
-
 
 @dataclass
 class ScanEvidence:

@@ -71,8 +71,8 @@ def study_scan_decisions(choices, scans, detection, *, batch_size=64, log=print)
     pairs.
 
     choices: {name: (pipeline, mask options, use_masks)}: the pipeline of the choice's operating point
-    (`every_slice_pipeline`), its mask options, and whether masks may score it (`mask_tuned`) or only the
-    image labels (`label_free`). Returns the selection record {name: decision, "candidates": {name: rows},
+    (`every_slice_pipeline`; choices sharing one pipeline share its evidence), its mask options, and whether
+    masks may score it (`mask_tuned`) or only the image labels (`label_free`). Returns the selection record {name: decision, "candidates": {name: rows},
     "n_scans", "subjects"}.
     """
     from .scans import prepare_scan
@@ -84,15 +84,14 @@ def study_scan_decisions(choices, scans, detection, *, batch_size=64, log=print)
                                   min_separability=float(detection.get("min_separability") or 0.0))
     candidates = candidate_decisions(slice_rule)
     record = {"n_scans": len(prepared), "subjects": [s.name for s, _ in scans], "candidates": {}}
+    by_pipeline = {}
     for name, (pipeline, options, use_masks) in choices.items():
         log(f"scan decision of {name}: {len(candidates)} candidates on {len(prepared)} training scans, scored "
             + ("against their masks" if use_masks else "by their slice labels alone"))
-        evidence = []
-        for scan in prepared:
-            n = len(scan.z)
-            reference = scan.masks if scan.masks is not None else np.zeros((n,) + scan.images.shape[-2:], bool)
-            labels = scan.labels if scan.labels is not None else np.zeros(n, int)
-            evidence.append((scan_evidence(pipeline, scan, batch_size), reference, labels))
+        if id(pipeline) not in by_pipeline:
+            by_pipeline[id(pipeline)] = [(scan_evidence(pipeline, scan, batch_size), *_reference_and_labels(scan))
+                                         for scan in prepared]
+        evidence = by_pipeline[id(pipeline)]
         chosen, rows = choose_scan_decision(evidence, options, candidates, use_masks=use_masks)
         record[name] = chosen.as_dict()
         record["candidates"][name] = rows
@@ -100,6 +99,14 @@ def study_scan_decisions(choices, scans, detection, *, batch_size=64, log=print)
         rho = float(spearmanr([r["label_score"] for r in rows], [r["dice"] for r in rows]).statistic)
         record.setdefault("label_score_spearman", {})[name] = rho if np.isfinite(rho) else None
     return record
+
+
+def _reference_and_labels(prepared):
+    """A prepared scan's reference slice masks and slice labels (empty and healthy when it has no reference)."""
+    n = len(prepared.z)
+    reference = prepared.masks if prepared.masks is not None else np.zeros((n,) + prepared.images.shape[-2:], bool)
+    labels = prepared.labels if prepared.labels is not None else np.zeros(n, int)
+    return reference, labels
 
 
 def add_scan_decisions(chosen, models, src_dir, split, device, *, max_subjects=16, extra_src_dirs=(), batch_size=64,
@@ -115,8 +122,9 @@ def add_scan_decisions(chosen, models, src_dir, split, device, *, max_subjects=1
     for root, count in ((src_dir, max_subjects), *((extra, 0) for extra in extra_src_dirs)):
         preprocessing, modalities = dataset_preprocessing(read_settings(root), os.path.join(root, SETTINGS_NAME))
         scans += [(scan, preprocessing) for scan in training_scans(root, split, modalities, count)]
-    choices = {name: (*point_pipeline(models, chosen[name], device, seed=seed), use_masks)
-               for name, use_masks in (("mask_tuned", True), ("label_free", False))}
+    uses_masks = {"mask_tuned": True, "label_free": False}
+    pipelines = point_pipelines(models, {name: chosen[name] for name in uses_masks}, device, seed=seed)
+    choices = {name: (*pipelines[name], use_masks) for name, use_masks in uses_masks.items()}
     record = study_scan_decisions(choices, scans, chosen.get("detection"), batch_size=batch_size, log=log)
     record["sources"] = [os.path.normpath(root) for root in (src_dir, *extra_src_dirs)]
     for name in choices:
@@ -125,16 +133,19 @@ def add_scan_decisions(chosen, models, src_dir, split, device, *, max_subjects=1
     return chosen
 
 
-def point_pipeline(models, point, device, *, seed=0, progress=False):
-    """(every-slice CG-CDM pipeline, mask options) of a selection.json choice `point`."""
+def point_pipelines(models, points, device, *, seed=0, progress=False):
+    """{name: (every-slice CG-CDM pipeline, mask options)} of selection.json choices {name: point}; choices at the
+    same operating point (Q, R, tau, s, noise draws) share one pipeline, so their evidence is computed once."""
     from .detect import TumourDetector
-    from .methods import CGCDM, SaliencySettings
     from .postprocess import MaskOptions
+    from .study import point_method
 
-    model, diffusion, classifier = models
-    settings = SaliencySettings(noise_level=point["noise_level"], steps=point["steps"], taus=(point["tau"],),
-                                classifier_scale=point["classifier_scale"], seed=seed)
-    method = CGCDM(settings, model=model, diffusion=diffusion, classifier=classifier)
-    pipeline = every_slice_pipeline(method, TumourDetector(classifier), seed=seed,
-                                    noise_draws=point.get("noise_draws", 1), device=device, progress=progress)
-    return pipeline, MaskOptions(**point.get("postprocessing", {}))
+    detector, shared, out = TumourDetector(models[2]), {}, {}
+    for name, point in points.items():
+        key = tuple(point.get(k, 1) for k in ("noise_level", "steps", "tau", "classifier_scale", "noise_draws"))
+        if key not in shared:
+            shared[key] = every_slice_pipeline(point_method(models, point, seed=seed), detector, seed=seed,
+                                               noise_draws=point.get("noise_draws", 1), device=device,
+                                               progress=progress)
+        out[name] = (shared[key], MaskOptions(**point.get("postprocessing", {})))
+    return out

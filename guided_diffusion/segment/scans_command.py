@@ -18,7 +18,6 @@ Under torchrun / mpiexec every scan's batches are shared between the processes; 
 
 import contextlib
 import csv
-import json
 import os
 import sys
 import time
@@ -28,7 +27,7 @@ from .. import dist_util
 from ..checkpoint_util import read_args_json
 from ..cli import ArgumentParser, UserError, add_flags, atomic_directory, explicit_flags
 from ..layouts import REGIONS
-from ..model_folder import preprocessing_beside
+from ..model_folder import preprocessing_beside, read_json
 from ..run_lock import folder_lock
 from ..volumes import parse_modalities
 from .command import HELP, add_model_flags, check_flags, prepare_run, segmentation_defaults
@@ -88,7 +87,8 @@ def _settings_path(path):
 
 
 def find_dataset_settings(args):
-    """(path, settings) of the dataset.json that says how scans are preprocessed (see --dataset_json)."""
+    """(path, SliceOptions, modalities, its JSON dict) of the dataset.json that says how scans are preprocessed (see
+    --dataset_json)."""
     recorded = None
     if getattr(args, "model_dir", ""):  # the folder carries its preprocessing: nothing looked up elsewhere
         recorded = preprocessing_beside(os.path.join(args.model_dir, "ddpm", "model.pt"))
@@ -108,24 +108,17 @@ def find_dataset_settings(args):
                         "dataset.json, and it is in no model folder with a preprocessing.json (--model_dir)")
     if not os.path.isfile(path):
         raise UserError(f"--dataset_json {args.dataset_json}: no such file")
-    options, modalities = dataset_preprocessing(_read_json(path), path)
+    settings = read_json(path, "--dataset_json")
+    options, modalities = dataset_preprocessing(settings, path)
     if recorded and os.path.abspath(recorded) != os.path.abspath(path):
-        trained = dataset_preprocessing(_read_json(recorded), recorded)[0]
+        trained = dataset_preprocessing(read_json(recorded, "--dataset_json"), recorded)[0]
         differing = [k for k in ("intensity", "crop", "image_size", "clip_percentiles", "ct_window")
                      if getattr(trained, k) != getattr(options, k)]
         if differing:
             key = differing[0]
             raise UserError(f"--dataset_json {path}: {key} {getattr(options, key)!r} differs from the DDPM's "
                             f"training data {recorded} ({getattr(trained, key)!r}): another kind of data")
-    return path, options, modalities
-
-
-def _read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as err:
-        raise UserError(f"--dataset_json {path}: not a JSON file ({err})") from None
+    return path, options, modalities, settings
 
 
 def main(argv=None):
@@ -148,8 +141,8 @@ def main(argv=None):
     run = prepare_run(args, explicit, checked, detect=True, log=log)
     if not run.settings_file:
         log(untuned_notice(args, run.threshold))
-    dataset_json, options, modalities = find_dataset_settings(args)
-    expected = expectations(_read_json(dataset_json))
+    dataset_json, options, modalities, dataset_settings = find_dataset_settings(args)
+    expected = expectations(dataset_settings)
     if args.modality:
         modalities = parse_modalities(args.modality)
         if expected.modalities and modalities != expected.modalities:

@@ -31,7 +31,7 @@ import numpy as np
 from ..checkpoint_util import load_classifier, load_model_and_diffusion
 from ..cli import atomic_path, atomic_write_text
 from ..script_util import diffusion_from_config
-from .label_free import (POSTPROCESSED, add_stability, best_criterion, criterion_correlations, point_criteria,
+from .label_free import (POSTPROCESSED, best_criterion, criterion_correlations, point_criteria,
                          point_key, tumour_probability)
 from .methods import CGCDM, SaliencySettings
 from .pipeline import compute_maps
@@ -210,12 +210,18 @@ def best_point(rows, key, method=None, max_steps=None, tolerance=0.0):
     return min(good, key=lambda r: (passes(r), -r[key]))
 
 
-def choose_postprocessing(models, slices, point, *, batch_size=32, seed=0, options=POSTPROCESSING):
-    """Dice of each post-processing of the chosen point's maps; returns (best MaskOptions, rows)."""
+def point_method(models, point, *, seed=0):
+    """CG-CDM (CDM at s = 0) at a selection.json choice `point` (Q, R, tau, s), on `models` (model, unspaced
+    diffusion, classifier)."""
     model, diffusion, classifier = models
     settings = SaliencySettings(noise_level=point["noise_level"], steps=point["steps"], taus=(point["tau"],),
                                 classifier_scale=point["classifier_scale"], seed=seed)
-    method = CGCDM(settings, model=model, diffusion=diffusion, classifier=classifier)
+    return CGCDM(settings, model=model, diffusion=diffusion, classifier=classifier)
+
+
+def choose_postprocessing(models, slices, point, *, batch_size=32, seed=0, options=POSTPROCESSING):
+    """Dice of each post-processing of the chosen point's maps; returns (best MaskOptions, rows)."""
+    method = point_method(models, point, seed=seed)
     maps, _ = compute_maps(method, slices.images, slices.labels, batch_size=batch_size, names=slices.names, seed=seed,
                            progress=False, noise_draws=point.get("noise_draws", 1))
     (point_maps,) = maps.values()
@@ -238,10 +244,7 @@ def choose_label_free_postprocessing(models, slices, point, *, batch_size=32, se
     Dice across the options)."""
     from .label_free import brain_share, mask_dice, rank_correlation
 
-    model, diffusion, classifier = models
-    settings = SaliencySettings(noise_level=point["noise_level"], steps=point["steps"], taus=(point["tau"],),
-                                classifier_scale=point["classifier_scale"], seed=seed)
-    method = CGCDM(settings, model=model, diffusion=diffusion, classifier=classifier)
+    method = point_method(models, point, seed=seed)
     draws = point.get("noise_draws", 1)
     maps, replicate = ((compute_maps(method, slices.images, slices.labels, batch_size=batch_size, names=slices.names,
                                      seed=seed, progress=False, noise_draws=draws, first_draw=first)[0])
@@ -269,14 +272,11 @@ def choose_detection(models, batches, device, point, options, *, seed=0):
     from .detect import SeparabilityGate, TumourDetector, choose_threshold, detect_all, detection_scores
     from .pipeline import Pipeline
 
-    model, diffusion, classifier = models
-    detector = TumourDetector(classifier)
+    detector = TumourDetector(models[2])
     probabilities, labels = detect_all(detector, batches, device)
     threshold = choose_threshold(probabilities, labels)
     record = {**detection_scores(probabilities, labels, threshold), "n_training_images": len(labels)}
-    settings = SaliencySettings(noise_level=point["noise_level"], steps=point["steps"], taus=(point["tau"],),
-                                classifier_scale=point["classifier_scale"], seed=seed)
-    method = CGCDM(settings, model=model, diffusion=diffusion, classifier=classifier)
+    method = point_method(models, point, seed=seed)
     pipeline = Pipeline(method, seed=seed, noise_draws=point.get("noise_draws", 1), detector=detector,
                         threshold=threshold, device=device, progress=False)
     gate, scores, detected_labels = SeparabilityGate(0.0, options), [], []
