@@ -171,8 +171,12 @@ def _one_line_argparse_errors():
 
 @contextlib.contextmanager
 def _sigterm_raises():
-    """Turn SIGTERM into a `Terminated` exception while the block runs (main thread, default handler only)."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+    """Turn SIGTERM into a `Terminated` exception while the block runs (main thread only).
+
+    A Python handler installed by the caller is left alone. An inherited "ignore" is replaced, as the
+    training loop's handler replaces it: a job runner that starts its jobs with SIGTERM ignored must
+    still be able to stop a sampling or segmentation run cleanly."""
+    if threading.current_thread() is not threading.main_thread() or callable(signal.getsignal(signal.SIGTERM)):
         yield
         return
 
@@ -180,11 +184,11 @@ def _sigterm_raises():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one exception; cleanup is not interrupted again
         raise Terminated()
 
-    signal.signal(signal.SIGTERM, handler)
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

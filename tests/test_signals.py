@@ -144,7 +144,8 @@ def test_sigterm_to_the_main_process_alone(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(TrainLoop, "compute_loss", signalled_at_step_1)
     run = tmp_path / "run"
+    before = signal.getsignal(signal.SIGTERM)  # restored afterwards, whatever the test runner set
     status, err = run_cli(["--src_dir", str(data), *SCRIPT_FLAGS, "--save_interval", "1000", "--workers", "0",
                            "--max_steps", "50", "--save_dir", str(run)], capsys)
     assert check_stop(status, err, signal.SIGTERM, run, ["0.99"]) == 2
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -244,13 +244,14 @@ def test_sigterm_saves_and_stops_after_the_current_step(tmp_path):
                 os.kill(os.getpid(), signal.SIGTERM)
             return super().compute_loss(batch, cond)
 
+    before = signal.getsignal(signal.SIGTERM)  # restored afterwards, whatever the test runner set
     logger.configure(str(tmp_path), format_strs=["csv"])
     loop = Interrupted(model=torch.nn.Linear(6, 1), data=iter(batches), save_dir=str(tmp_path), batch_size=4,
                        lr=0.1, save_interval=1000, max_steps=10, progress=False)
     loop.run_loop()
     assert loop.step == 2
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith("model")) == ["model000002.pt"]
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_bf16_autocast_runs_on_cpu(tmp_path):
