@@ -21,7 +21,8 @@ tumour (a few thousand voxels at 1 mm), several tumours, a tumour at the top or 
 (where few training slices look alike), and healthy subjects; subject i is kind i mod 5, and
 demo.json records each subject's kind.
 
-Subjects are written BraTS-style, `<id>/<id>_flair.nii.gz` + `<id>/<id>_seg.nii.gz`, so
+Subjects are written BraTS-style, `<id>/<id>_flair.nii.gz` + `<id>/<id>_seg.nii.gz` (or, with the
+BraTS 2023+ naming, `<id>/<id>-t2f.nii.gz` + `<id>/<id>-seg.nii.gz` with enhancing tumour 3), so
 `scripts/prepare_brats.py` (or `volumes.export_slice_dataset`) turns them into the slice
 layout. Subject i depends only on (seed, i).
 """
@@ -43,6 +44,7 @@ from .volumes import SliceOptions, export_slice_dataset, find_brats_cases, read_
 LESION_KINDS = ("hyper", "hypo", "ring")
 LESION_MODELS = ("glioma", "mixed")
 LABEL_CORE, LABEL_HYPER, LABEL_RIM = 1, 2, 4  # BraTS: necrosis / edema / enhancing tumour
+NAMINGS = ("brats2021", "brats2023")  # how the raw subjects are written (see `subject_name`, `_subject_job`)
 DEMO_MARKER = "demo.json"
 
 
@@ -354,23 +356,37 @@ def synthesize_subject(template, rng, voxel_size=2.0, settings=GLIOMA_SETTINGS):
     return vary_intensity(image, brain, rng, voxel_size=voxel_size), seg, affine
 
 
+def subject_name(index, naming="brats2021"):
+    """demo_007 in the BraTS 2020/2021 naming; BraTS-GLI-00007-000 in the BraTS 2023+ naming."""
+    return f"BraTS-GLI-{index:05d}-000" if naming == "brats2023" else f"demo_{index:03d}"
+
+
 def _subject_job(job):
-    raw_dir, index, seed, voxel_size, settings = job
+    """One subject's FLAIR and label map. BraTS 2023+ names the files <id>-t2f / <id>-seg and labels the
+    enhancing tumour 3 instead of 4; the voxels are the same in both namings."""
+    raw_dir, index, seed, voxel_size, settings, naming = job
     rng = np.random.default_rng([seed, index])
     image, seg, affine = synthesize_subject(load_mni_template(voxel_size), rng, voxel_size,
                                             subject_settings(settings, index))
-    subject = f"demo_{index:03d}"
+    subject = subject_name(index, naming)
     folder = os.path.join(raw_dir, subject)
     os.makedirs(folder)
     flair = nib.Nifti1Image(np.rint(image * 1000).astype(np.int16), affine)
     flair.header.set_xyzt_units("mm")
-    nib.save(flair, os.path.join(folder, f"{subject}_flair.nii.gz"))
-    nib.save(nib.Nifti1Image(seg, affine), os.path.join(folder, f"{subject}_seg.nii.gz"))
+    if naming == "brats2023":
+        seg = np.where(seg == LABEL_RIM, 3, seg).astype(seg.dtype)
+        flair_name, seg_name = f"{subject}-t2f.nii.gz", f"{subject}-seg.nii.gz"
+    else:
+        flair_name, seg_name = f"{subject}_flair.nii.gz", f"{subject}_seg.nii.gz"
+    nib.save(flair, os.path.join(folder, flair_name))
+    nib.save(nib.Nifti1Image(seg, affine), os.path.join(folder, seg_name))
     return subject
 
 
-def write_demo_subjects(raw_dir, num_subjects, seed=0, voxel_size=2.0, settings=GLIOMA_SETTINGS, workers=1):
-    """Write `num_subjects` synthetic subjects BraTS-style under `raw_dir` (replacing an earlier demo there).
+def write_demo_subjects(raw_dir, num_subjects, seed=0, voxel_size=2.0, settings=GLIOMA_SETTINGS, workers=1,
+                        naming="brats2021"):
+    """Write `num_subjects` synthetic subjects BraTS-style under `raw_dir` (replacing an earlier demo there),
+    named as `naming` (one of `NAMINGS`) has it.
 
     settings: one `LesionSettings` for every subject, or a dict {kind: LesionSettings} whose kinds
     subjects take in turn (`STRESS_KINDS`)."""
@@ -385,7 +401,7 @@ def write_demo_subjects(raw_dir, num_subjects, seed=0, voxel_size=2.0, settings=
     with atomic_directory(raw_dir) as tmp:
         kinds = list(settings) if isinstance(settings, dict) else None
         per_subject = tuple(settings.values()) if kinds else settings
-        jobs = [(tmp, i, seed, voxel_size, per_subject) for i in range(num_subjects)]
+        jobs = [(tmp, i, seed, voxel_size, per_subject, naming) for i in range(num_subjects)]
         progress = dict(total=num_subjects, desc="demo subjects", unit="subject")
         if workers > 1:
             from concurrent.futures import ProcessPoolExecutor
@@ -395,10 +411,10 @@ def write_demo_subjects(raw_dir, num_subjects, seed=0, voxel_size=2.0, settings=
         else:
             list(tqdm(map(_subject_job, jobs), **progress))
         with open(os.path.join(tmp, DEMO_MARKER), "w") as f:
-            record = dict(num_subjects=num_subjects, seed=seed, voxel_size=voxel_size)
+            record = dict(num_subjects=num_subjects, seed=seed, voxel_size=voxel_size, naming=naming)
             if kinds:
                 record.update(kinds={k: asdict(v) for k, v in settings.items()},
-                              subject_kinds={f"demo_{i:03d}": kinds[i % len(kinds)] for i in range(num_subjects)})
+                              subject_kinds={subject_name(i, naming): kinds[i % len(kinds)] for i in range(num_subjects)})
             else:
                 record.update(lesions=asdict(settings))
             json.dump(record, f, indent=1, sort_keys=True)
@@ -407,9 +423,10 @@ def write_demo_subjects(raw_dir, num_subjects, seed=0, voxel_size=2.0, settings=
 
 
 def make_demo_dataset(out_dir, num_subjects=72, seed=0, voxel_size=2.0, image_size=64, val_fraction=0.15,
-                      min_tumor_pixels=5, settings=GLIOMA_SETTINGS, workers=1, preview=True):
+                      min_tumor_pixels=5, settings=GLIOMA_SETTINGS, workers=1, preview=True, naming="brats2021"):
     """Subjects under OUT/raw, the slice layout under OUT/slices, a picture at OUT/preview.png; returns counts."""
-    raw_dir = write_demo_subjects(os.path.join(out_dir, "raw"), num_subjects, seed, voxel_size, settings, workers)
+    raw_dir = write_demo_subjects(os.path.join(out_dir, "raw"), num_subjects, seed, voxel_size, settings, workers,
+                                  naming)
     options = SliceOptions(image_size=image_size, min_lesion_pixels=min_tumor_pixels)
     cases = find_brats_cases(raw_dir, ("flair",))
     split_of = stratified_split([c.subject for c in cases], len(settings), val_fraction) if isinstance(settings, dict) else None

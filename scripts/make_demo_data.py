@@ -21,7 +21,7 @@ examples:
 import argparse
 
 from guided_diffusion.cli import UserError, run_main
-from guided_diffusion.demo_data import LESION_MODELS, PROFILES, STRESS_KINDS, lesion_settings, make_demo_dataset
+from guided_diffusion.demo_data import LESION_MODELS, NAMINGS, PROFILES, STRESS_KINDS, lesion_settings, make_demo_dataset
 from guided_diffusion.volumes import format_counts
 
 
@@ -51,6 +51,10 @@ def create_argparser():
     p.add_argument("--profile", default="demo", choices=PROFILES,
                    help="demo: every subject from --lesion_model; stress: subjects take in turn the kinds "
                         f"{', '.join(STRESS_KINDS)} (the lesion flags above do not apply) (default: demo)")
+    p.add_argument("--naming", default="brats2021", choices=NAMINGS,
+                   help="file names and label values of the raw subjects: brats2021 (<id>_flair, <id>_seg, "
+                        "enhancing tumour 4) or brats2023 (BraTS-GLI-<n>-000-t2f, -seg, enhancing tumour 3) "
+                        "(default: brats2021)")
     p.add_argument("--seed", type=int, default=0, help="seed of everything random (default: 0)")
     p.add_argument("--workers", type=int, default=2, help="processes working in parallel (default: 2)")
     return p
@@ -71,7 +75,8 @@ def main(argv=None):
     counts = make_demo_dataset(args.out_dir, num_subjects=args.num_subjects, seed=args.seed,
                                voxel_size=args.voxel_size, image_size=args.image_size,
                                val_fraction=args.val_fraction, min_tumor_pixels=args.min_tumor_pixels,
-                               settings=STRESS_KINDS if args.profile == "stress" else settings, workers=max(1, args.workers))
+                               settings=STRESS_KINDS if args.profile == "stress" else settings, workers=max(1, args.workers),
+                               naming=args.naming)
     print(format_counts(counts))
     print(f"wrote {args.out_dir}/raw, {args.out_dir}/slices and {args.out_dir}/preview.png")
 

@@ -143,6 +143,31 @@ def test_whole_generator_on_the_mni_template(tmp_path):
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
 
 
+def test_the_brats_2023_naming_holds_the_same_voxels_and_prepares_to_the_same_slices(tmp_path):
+    kwargs = dict(num_subjects=2, voxel_size=4.0, image_size=24, val_fraction=0.5, min_tumor_pixels=2, seed=1,
+                  settings=demo_data.lesion_settings("glioma", lesion_free_fraction=0.0))
+    demo_data.make_demo_dataset(str(tmp_path / "old"), preview=False, **kwargs)
+    demo_data.make_demo_dataset(str(tmp_path / "new"), preview=False, naming="brats2023", **kwargs)
+    old_raw, new_raw = tmp_path / "old" / "raw", tmp_path / "new" / "raw"
+    assert sorted(os.listdir(new_raw)) == ["BraTS-GLI-00000-000", "BraTS-GLI-00001-000", "demo.json"]
+    folder = new_raw / "BraTS-GLI-00001-000"
+    assert sorted(os.listdir(folder)) == ["BraTS-GLI-00001-000-seg.nii.gz", "BraTS-GLI-00001-000-t2f.nii.gz"]
+    old_seg = np.asarray(nib.load(old_raw / "demo_001" / "demo_001_seg.nii.gz").dataobj)
+    new_seg = np.asarray(nib.load(folder / "BraTS-GLI-00001-000-seg.nii.gz").dataobj)
+    assert 4 in old_seg and 3 not in old_seg
+    assert np.array_equal(new_seg, np.where(old_seg == 4, 3, old_seg))  # enhancing tumour: 4 becomes 3
+    assert np.array_equal(nib.load(old_raw / "demo_001" / "demo_001_flair.nii.gz").get_fdata(),
+                          nib.load(folder / "BraTS-GLI-00001-000-t2f.nii.gz").get_fdata())
+    old_rows, new_rows = (volumes.read_manifest(str(tmp_path / d / "slices")) for d in ("old", "new"))
+    assert len(old_rows) == len(new_rows) > 0
+    for old, new in zip(old_rows, new_rows):
+        assert (old["split"], old["label"], old["lesion_pixels"]) == (new["split"], new["label"], new["lesion_pixels"])
+        for key in ("file", "mask"):
+            if old.get(key):
+                assert np.array_equal(np.asarray(Image.open(tmp_path / "old" / "slices" / old[key])),
+                                      np.asarray(Image.open(tmp_path / "new" / "slices" / new[key])))
+
+
 def test_bad_flags_and_folders(tmp_path):
     out = str(tmp_path / "demo")
     with pytest.raises(UserError, match="--num_subjects must be at least 2"):
