@@ -411,7 +411,8 @@ def export_model_folder(out_dir, *, ddpm, classifier, dataset_json, selection=No
 
 
 def read_selection_file(path, choice):
-    from .segment.settings_file import choices_of
+    """selection.json as a dict, its choice `choice` checked as every front end will read it."""
+    from .segment.config import SegmentationConfig, choices_of
 
     selection = read_json(path, "--selection")
     names = choices_of(selection)
@@ -420,6 +421,11 @@ def read_selection_file(path, choice):
                         f"steps, tau and classifier_scale)")
     if choice not in names:
         raise UserError(f"--choice {choice!r}: not in --selection {path} (choose one of {', '.join(names)})")
+    for name in names:
+        try:
+            SegmentationConfig.from_selection(selection, name)
+        except ValueError as err:
+            raise UserError(f"--selection {path}: {err}") from None
     return selection
 
 

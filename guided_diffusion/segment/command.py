@@ -52,6 +52,7 @@ def segmentation_defaults():
         split="validation", fold=0, num_folds=1, fold_size=0, batch_size=8, max_images=0,
         noise_level=0.1, steps=10, stride=1, tau="0.95", classifier_scale=10.0, healthy_label=0,
         clip_denoised=True, abs_map=False, smooth_sigma=0.0, foreground_only=False, positive_part=False,
+        keep_largest=False,
         seed=0, grid_images=8, volumes=False, raw_dir="", slices="tumor", detect_threshold=-1.0,
         detector_path="", min_separability=-1.0, noise_draws=1, settings="", choice="mask_tuned", model_dir="",
     )
@@ -111,6 +112,8 @@ HELP = {
     "positive_part": "threshold only the positive part of the map, max(a, 0): what the tumour label raises "
                      "(the signed map's negative rim around a lesion can otherwise pull Otsu's split)",
     "foreground_only": "compute Otsu's threshold over the foreground (brain) pixels only and keep the mask there",
+    "keep_largest": "keep only the largest connected component of each slice's mask (image_p_seg.py writes "
+                    "the largest component's masks to masks_lcc/ in any case)",
     "seed": "seed of the noise draw (each image's noise depends only on the seed and the image's name)",
     "grid_images": "images shown in grid.png (0: no grid)",
     "volumes": "paste masks back into NIfTI volumes (needs manifest.csv in --src_dir) and report 3-D Dice "
@@ -194,7 +197,7 @@ def build_settings(args):
         raise _flag_error("--" + str(err).split()[0].replace("taus", "tau"), err)
     try:
         options = MaskOptions(smooth_sigma=args.smooth_sigma, foreground_only=args.foreground_only,
-                              positive_part=args.positive_part, keep_largest=getattr(args, "keep_largest", False))
+                              positive_part=args.positive_part, keep_largest=args.keep_largest)
     except ValueError as err:
         raise _flag_error("--smooth_sigma", err)
     return settings, options
@@ -261,6 +264,7 @@ class SegmentationRun:
     detector_path: str
     threshold: float
     settings_file: dict  # what --settings applied ({} without it)
+    file_config: object = None  # the SegmentationConfig of --settings (None without it)
 
     @property
     def method(self):
@@ -286,18 +290,19 @@ class SegmentationRun:
 
 def check_flags(args, explicit):
     """--model_dir and --settings applied, then every flag checked, before any input is read:
-    (settings, options, applied). `applied` also says where the settings came from (`source`)."""
+    (settings, options, applied, file_config). `applied` also says where the settings came from (`source`);
+    file_config is the `SegmentationConfig` of --settings (None without it)."""
     from_folder = apply_model_dir(args, explicit)
-    applied = apply_settings_file(args, explicit)
+    applied, file_config = apply_settings_file(args, explicit)
     if applied:
         applied["source"] = (f"--model_dir {args.model_dir}" if "settings" in from_folder else "--settings")
-    return (*build_settings(args), applied)
+    return (*build_settings(args), applied, file_config)
 
 
 def prepare_run(args, explicit, checked, *, detect, log=print):
     """Models, method and pipeline from the checked flags (`check_flags`), shared by image_p_seg.py and
     segment_scans.py. `detect`: whether a classifier decides which slices are segmented."""
-    settings, options, applied = checked
+    settings, options, applied, file_config = checked
     device = dist_util.dev()
     model, diffusion, classifier, classifier_path, config = load_models(args, explicit, device)
     if diffusion is not None and METHODS[args.method].uses_tau:
@@ -327,7 +332,7 @@ def prepare_run(args, explicit, checked, *, detect, log=print):
                         threshold=threshold, map_gate=map_gate, device=device)
     return SegmentationRun(pipeline=pipeline, config=config, settings=settings, options=options,
                            classifier_path=classifier_path or "", detector_path=detector_path, threshold=threshold,
-                           settings_file=applied)
+                           settings_file=applied, file_config=file_config)
 
 
 def variant_settings(args, settings):

@@ -30,13 +30,16 @@ from ..metrics import evaluate_masks, summarize
 from .detect import detection_scores
 from .postprocess import MaskOptions, foreground_mask, normalize_map, otsu_separability, saliency_to_mask
 
-MASK_KINDS = (("otsu", False, ""), ("largest_component", True, "_lcc"))  # (summary key, keep largest, file suffix)
+# (summary key, keep largest, file suffix): the run's own masks (the largest component only with
+# MaskOptions.keep_largest) and, beside them, always those of the largest component
+MASK_KINDS = (("otsu", False, ""), ("largest_component", True, "_lcc"))
 METRIC_COLUMNS = ("dice", "iou", "hd95", "hd95_seed", "surface_dice", "pred_pixels", "gt_pixels")
 
 
 def masks_of(maps, images, options=MaskOptions()):
     """{"otsu": masks, "largest_component": masks} of one variant's maps (an all-zero map gives an empty mask)."""
-    return {key: saliency_to_mask(maps, options=replace(options, keep_largest=keep), images=images)
+    return {key: saliency_to_mask(maps, options=replace(options, keep_largest=keep or options.keep_largest),
+                                  images=images)
             for key, keep, _ in MASK_KINDS}
 
 

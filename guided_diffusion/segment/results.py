@@ -10,6 +10,9 @@ import math
 import os
 
 from .command import main as segment_main
+from .config import OperatingPoint, as_flags
+from .postprocess import MaskOptions
+from .settings_file import read_config
 
 # Table 1 of the paper (BraTS): Dice, mIoU, HD95, seconds per image (hardware not stated).
 PAPER_TABLE1 = {
@@ -21,62 +24,50 @@ DEFAULT_ROWS = ("cg-cdm", "cg-cdm-default-mask", "cg-cdm-label-free", "cg-cdm-pa
                 "cam", "gradcam", "gradcam++", "layercam")
 
 
-def _point_flags(point):
-    return ["--noise_level", str(point["noise_level"]), "--steps", str(point["steps"]), "--tau", str(point["tau"]),
-            "--classifier_scale", str(point["classifier_scale"]), "--noise_draws", str(point.get("noise_draws", 1))]
+def row_specs(selection_path, ddpm, classifier, cam_classifier, fast_stride=40, flag="--selection"):
+    """{row key: (label, paper key or None, image_p_seg.py flags)}.
 
-
-def _mask_flags(options):
-    return ["--smooth_sigma", str(options["smooth_sigma"]), "--foreground_only", str(options["foreground_only"]),
-            "--positive_part", str(options.get("positive_part", False))]
-
-
-def row_specs(selection, ddpm, classifier, cam_classifier, fast_stride=40):
-    """{row key: (label, paper key or None, flags without the mask options, own mask options or None)}."""
-    tuned, free, cdm = selection["mask_tuned"], selection["label_free"], selection["mask_tuned_cdm"]
+    The rows at a chosen point read it from the selection file itself (`--settings`, `--choice`), as a
+    user's run does, so they segment exactly as image_p_seg.py and segment_scans.py do with that file;
+    every other row takes the post-processing chosen for `mask_tuned`."""
+    tuned, free, cdm = (read_config(selection_path, name, flag) for name in ("mask_tuned", "label_free", "mask_tuned_cdm"))
     diffusion = ["--model_path", ddpm, "--classifier_path", classifier]
-    paper = {"noise_level": 0.1, "steps": 10, "tau": 0.95, "classifier_scale": 10.0}
-    def describe(noise_level, steps, tau, classifier_scale, noise_draws=1):
-        draws = f", {noise_draws} noise draws" if noise_draws > 1 else ""
-        return f"Q {noise_level:g} T, R {steps}{draws}, tau {tau:g}, s {classifier_scale:g}"
+    mask = as_flags(tuned.postprocessing.as_dict())
+    def chosen(name):
+        return ["--settings", selection_path, "--choice", name]
 
+    paper = OperatingPoint()
     specs = {
-        "cg-cdm": (f"CG-CDM, chosen on training masks ({describe(**_settings(tuned))})", "cg-cdm",
-                   ["--method", "cg-cdm", *diffusion, *_point_flags(tuned)], None),
+        "cg-cdm": (f"CG-CDM, chosen on training masks ({tuned.point.describe()})", "cg-cdm",
+                   ["--method", "cg-cdm", *diffusion, *chosen("mask_tuned")]),
         "cg-cdm-default-mask": ("CG-CDM, same settings, paper's min-max + Otsu", "cg-cdm",
-                                ["--method", "cg-cdm", *diffusion, *_point_flags(tuned)],
-                                {"smooth_sigma": 0.0, "foreground_only": False, "positive_part": False}),
-        "cg-cdm-label-free": (f"CG-CDM, chosen without masks ({describe(**_settings(free))})", "cg-cdm",
-                              ["--method", "cg-cdm", *diffusion, *_point_flags(free)], free["postprocessing"]),
-        "cg-cdm-paper": ("CG-CDM, the paper's settings (Q 0.1 T, R 10, tau 0.95, s 10)", "cg-cdm",
-                         ["--method", "cg-cdm", *diffusion, *_point_flags(paper)], None),
-        "cdm": (f"CDM, chosen on training masks ({describe(**_settings(cdm))})", "cdm",
-                ["--method", "cdm", "--model_path", ddpm, *_point_flags(cdm)], None),
+                                ["--method", "cg-cdm", *diffusion, *chosen("mask_tuned"),
+                                 *as_flags(MaskOptions().as_dict())]),
+        "cg-cdm-label-free": (f"CG-CDM, chosen without masks ({free.point.describe()})", "cg-cdm",
+                              ["--method", "cg-cdm", *diffusion, *chosen("label_free")]),
+        "cg-cdm-paper": (f"CG-CDM, the paper's settings ({paper.describe()})", "cg-cdm",
+                         ["--method", "cg-cdm", *diffusion, *as_flags(paper.as_dict()), *mask]),
+        "cdm": (f"CDM, chosen on training masks ({cdm.point.describe()})", "cdm",
+                ["--method", "cdm", "--model_path", ddpm, *chosen("mask_tuned_cdm")]),
         "cg-diff": ("CG-Diff (original ancestral variant, Q 0.1 T, 10 steps)", "cg-diff",
-                    ["--method", "cg-diff", *diffusion, "--stride", str(fast_stride)], None),
+                    ["--method", "cg-diff", *diffusion, "--stride", str(fast_stride), *mask]),
         "anomaly": ("Reconstruction baseline (L 0.1 T, 10 + 10 DDIM steps)", None,
-                    ["--method", "anomaly", *diffusion, "--stride", str(fast_stride)], None),
+                    ["--method", "anomaly", *diffusion, "--stride", str(fast_stride), *mask]),
     }
     for cam in ("cam", "gradcam", "gradcam++", "layercam", "scorecam"):
         specs[cam] = (f"{cam} (ResNet-18, 8 x 8 features)", cam if cam in PAPER_TABLE1 else None,
-                      ["--method", cam, "--classifier_path", cam_classifier], None)
+                      ["--method", cam, "--classifier_path", cam_classifier, *mask])
     return specs
 
 
-def _settings(point):
-    return {k: point[k] for k in ("noise_level", "steps", "tau", "classifier_scale")} | {
-        "noise_draws": point.get("noise_draws", 1)}
-
-
-def run_rows(keys, specs, selection, *, src_dir, out_dir, batch_size=32, max_images=0, log=print):
+def run_rows(keys, specs, *, src_dir, out_dir, batch_size=32, max_images=0, log=print):
     """Run each row; returns {key: summary.json of its run}."""
     summaries = {}
-    default_mask = selection["mask_tuned"]["postprocessing"]
     for key in keys:
-        label, _, flags, own_mask = specs[key]
+        label, _, flags = specs[key]
         folder = os.path.join(out_dir, key)
-        argv = [*flags, *_mask_flags(own_mask or default_mask), "--src_dir", src_dir, "--batch_size", str(batch_size),
-                "--max_images", str(max_images), "--grid_images", "8", "--out_dir", folder]
+        argv = [*flags, "--src_dir", src_dir, "--batch_size", str(batch_size), "--max_images", str(max_images),
+                "--grid_images", "8", "--out_dir", folder]
         log("+ image_p_seg.py " + " ".join(argv))
         segment_main(argv)
         with open(os.path.join(folder, "summary.json")) as f:
@@ -99,7 +90,7 @@ def format_table(keys, specs, summaries, src_dir):
              "| method | Dice | IoU | HD95 | HD95 seed | Dice (LCC) | s / image | paper Dice | paper HD95 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for key in keys:
-        label, paper_key, _, _ = specs[key]
+        label, paper_key, _ = specs[key]
         (variant,) = summaries[key]["variants"].values()
         otsu, lcc = variant["otsu"], variant["largest_component"]
         paper = PAPER_TABLE1.get(paper_key) if paper_key else None

@@ -136,16 +136,16 @@ def add_scan_decisions(chosen, models, src_dir, split, device, *, max_subjects=1
 def point_pipelines(models, points, device, *, seed=0, progress=False):
     """{name: (every-slice CG-CDM pipeline, mask options)} of selection.json choices {name: point}; choices at the
     same operating point (Q, R, tau, s, noise draws) share one pipeline, so their evidence is computed once."""
+    from .config import OperatingPoint
     from .detect import TumourDetector
     from .postprocess import MaskOptions
     from .study import point_method
 
     detector, shared, out = TumourDetector(models[2]), {}, {}
-    for name, point in points.items():
-        key = tuple(point.get(k, 1) for k in ("noise_level", "steps", "tau", "classifier_scale", "noise_draws"))
-        if key not in shared:
-            shared[key] = every_slice_pipeline(point_method(models, point, seed=seed), detector, seed=seed,
-                                               noise_draws=point.get("noise_draws", 1), device=device,
-                                               progress=progress)
-        out[name] = (shared[key], MaskOptions(**point.get("postprocessing", {})))
+    for name, choice in points.items():
+        point = OperatingPoint.from_dict(choice)
+        if point not in shared:
+            shared[point] = every_slice_pipeline(point_method(models, point, seed=seed), detector, seed=seed,
+                                                 noise_draws=point.noise_draws, device=device, progress=progress)
+        out[name] = (shared[point], MaskOptions(**choice.get("postprocessing", {})))
     return out

@@ -54,7 +54,6 @@ SCAN_HELP = {
               "dataset.json; for datasets that record none, its raw lesion labels)",
     "reference": "reference segmentation for metrics only: a NIfTI file (one scan) or a folder of "
                  "<name>_seg.nii.gz (default: a subject folder's *_seg.nii.gz)",
-    "keep_largest": "keep only the largest connected component of each slice's mask",
     "overview_slices": "slices shown in each <name>_overview.png (those with the most predicted lesion)",
     "detect_threshold": "--scan_rule slices: slices whose tumour probability (classifier at t = 0) is at least "
                         "this are segmented, the others get an empty mask; 0 segments every slice (default: the "
@@ -77,7 +76,7 @@ def create_argparser():
                              "folders (2020/2021 or 2023+ names), or folders of either")
     defaults = {k: v for k, v in segmentation_defaults().items() if k not in SLICE_FOLDER_FLAGS}
     defaults.update(out_dir="runs/segment_scans", dataset_json="", modality="", region="", reference="",
-                    keep_largest=False, overview_slices=6, scan_rule="")
+                    overview_slices=6, scan_rule="")
     add_flags(parser, defaults, help={**HELP, **SCAN_HELP})
     return add_model_flags(parser)
 
@@ -215,15 +214,7 @@ def scan_decision(args, explicit, run):
     --min_separability is typed; else the rule --settings recorded for the choice (chosen on the training scans
     by scripts/ablation.py); else the slice gate for a settings file older than the 3-D rule; else the 3-D rule
     with untuned thresholds. The slice gate takes the run's detection threshold and map check."""
-    recorded = None
-    if args.settings:
-        from .settings_file import read_selection
-
-        recorded = read_selection(args.settings).get(args.choice, {}).get("scan_decision")
-    try:
-        decision = ScanDecision.from_dict(recorded) if recorded else None
-    except (TypeError, ValueError) as err:
-        raise UserError(f"--settings {args.settings}: scan_decision of {args.choice}: {err}") from None
+    decision = run.file_config.scan_decision if run.file_config is not None else None
     gate_typed = bool({"detect_threshold", "min_separability"} & set(explicit))
     rule = args.scan_rule or ("slices" if gate_typed else decision.rule if decision else
                               "slices" if args.settings else "volume")

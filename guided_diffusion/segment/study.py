@@ -211,11 +211,11 @@ def best_point(rows, key, method=None, max_steps=None, tolerance=0.0):
 
 
 def point_method(models, point, *, seed=0):
-    """CG-CDM (CDM at s = 0) at a selection.json choice `point` (Q, R, tau, s), on `models` (model, unspaced
-    diffusion, classifier)."""
+    """CG-CDM (CDM at s = 0) at an `OperatingPoint` (Q, R, tau, s; its noise draws are the pipeline's), on
+    `models` (model, unspaced diffusion, classifier)."""
     model, diffusion, classifier = models
-    settings = SaliencySettings(noise_level=point["noise_level"], steps=point["steps"], taus=(point["tau"],),
-                                classifier_scale=point["classifier_scale"], seed=seed)
+    settings = SaliencySettings(noise_level=point.noise_level, steps=point.steps, taus=(point.tau,),
+                                classifier_scale=point.classifier_scale, seed=seed)
     return CGCDM(settings, model=model, diffusion=diffusion, classifier=classifier)
 
 
@@ -223,7 +223,7 @@ def choose_postprocessing(models, slices, point, *, batch_size=32, seed=0, optio
     """Dice of each post-processing of the chosen point's maps; returns (best MaskOptions, rows)."""
     method = point_method(models, point, seed=seed)
     maps, _ = compute_maps(method, slices.images, slices.labels, batch_size=batch_size, names=slices.names, seed=seed,
-                           progress=False, noise_draws=point.get("noise_draws", 1))
+                           progress=False, noise_draws=point.noise_draws)
     (point_maps,) = maps.values()
     rows, best = [], None
     for option in options:
@@ -245,7 +245,7 @@ def choose_label_free_postprocessing(models, slices, point, *, batch_size=32, se
     from .label_free import brain_share, mask_dice, rank_correlation
 
     method = point_method(models, point, seed=seed)
-    draws = point.get("noise_draws", 1)
+    draws = point.noise_draws
     maps, replicate = ((compute_maps(method, slices.images, slices.labels, batch_size=batch_size, names=slices.names,
                                      seed=seed, progress=False, noise_draws=draws, first_draw=first)[0])
                        for first in (0, draws))
@@ -277,7 +277,7 @@ def choose_detection(models, batches, device, point, options, *, seed=0):
     threshold = choose_threshold(probabilities, labels)
     record = {**detection_scores(probabilities, labels, threshold), "n_training_images": len(labels)}
     method = point_method(models, point, seed=seed)
-    pipeline = Pipeline(method, seed=seed, noise_draws=point.get("noise_draws", 1), detector=detector,
+    pipeline = Pipeline(method, seed=seed, noise_draws=point.noise_draws, detector=detector,
                         threshold=threshold, device=device, progress=False)
     gate, scores, detected_labels = SeparabilityGate(0.0, options), [], []
     for result in pipeline.run(batches):

@@ -14,6 +14,7 @@ import os
 
 from .. import dist_util
 from ..cli import UserError, atomic_write_text, require_dir
+from .config import OperatingPoint
 from .label_free import add_stability
 from .pipeline import SliceBatches, load_slice_set, select_slices
 from .results import DEFAULT_ROWS, format_table, row_specs, run_rows
@@ -136,7 +137,7 @@ def ablation_main(argv=None):
         rows += noise_draw_sweep(models, slices, best_point(rows, "dice", "cg-cdm", max_steps), grid,
                                  batch_size=args.batch_size, seed=args.seed, criteria=True, masks=masks)
         add_stability(rows, masks)
-    point = best_point(rows, "dice", "cg-cdm", max_steps, args.tolerance)
+    point = OperatingPoint.from_dict(best_point(rows, "dice", "cg-cdm", max_steps, args.tolerance))
     options, option_rows = choose_postprocessing(models, slices, point, batch_size=args.batch_size, seed=args.seed)
     detection = None
     if args.detect_images:
@@ -146,7 +147,7 @@ def ablation_main(argv=None):
                                      seed=args.seed)
     chosen = selection(rows, options, option_rows, len(slices), max_steps, args.tolerance, detection)
     label_free_options, label_free_rows, rho = choose_label_free_postprocessing(
-        models, slices, chosen["label_free"], batch_size=args.batch_size, seed=args.seed)
+        models, slices, OperatingPoint.from_dict(chosen["label_free"]), batch_size=args.batch_size, seed=args.seed)
     chosen["label_free"]["postprocessing"] = label_free_options.as_dict()
     chosen["label_free_postprocessing"] = {"criterion": "compact_agreement", "candidates": label_free_rows,
                                            "spearman_with_dice": rho if rho == rho else None}
@@ -239,15 +240,13 @@ def results_main(argv=None):
     args = parser.parse_args(argv)
     if not os.path.isfile(args.selection):
         raise UserError(f"--selection {args.selection}: no such file (scripts/ablation.py writes it)")
-    with open(args.selection) as f:
-        chosen = json.load(f)
     paths = _models_paths(args.models)
-    specs = row_specs(chosen, paths["ddpm"], paths["classifier"], paths["resnet18"], args.fast_stride)
+    specs = row_specs(args.selection, paths["ddpm"], paths["classifier"], paths["resnet18"], args.fast_stride)
     keys = [k.strip() for k in args.rows.split(",") if k.strip()]
     unknown = [k for k in keys if k not in specs]
     if unknown:
         raise UserError(f"--rows: unknown row {unknown[0]!r} (choose from {', '.join(specs)})")
-    summaries = run_rows(keys, specs, chosen, src_dir=args.src_dir, out_dir=args.out_dir, batch_size=args.batch_size,
+    summaries = run_rows(keys, specs, src_dir=args.src_dir, out_dir=args.out_dir, batch_size=args.batch_size,
                          max_images=args.max_images)
     table = format_table(keys, specs, summaries, args.src_dir)
     atomic_write_text(os.path.join(args.out_dir, "results.md"), table)
