@@ -34,8 +34,9 @@ import torch
 
 from guided_diffusion import dist_util
 from guided_diffusion.bench import benchmarks
-from guided_diffusion.bench.timing import CdmSettings, Inputs, Variant, benchmark
+from guided_diffusion.bench.timing import Inputs, Variant, benchmark
 from guided_diffusion.cli import UserError, atomic_write_text, run_main
+from guided_diffusion.segment.config import OperatingPoint
 from guided_diffusion.segment.postprocess import MaskOptions
 from guided_diffusion.volumes import parse_int_list
 
@@ -51,8 +52,8 @@ def per_size(text, flag, sizes, default):
 
 
 def variants_for(args, loop_images, anomaly_images):
-    today = CdmSettings(args.noise_level, args.steps, args.tau, args.classifier_scale)
-    new = CdmSettings(args.new_noise_level if args.new_noise_level is not None else args.noise_level, args.new_steps,
+    today = OperatingPoint(args.noise_level, args.steps, args.tau, args.classifier_scale)
+    new = OperatingPoint(args.new_noise_level if args.new_noise_level is not None else args.noise_level, args.new_steps,
                       args.new_tau if args.new_tau is not None else args.tau,
                       args.new_classifier_scale if args.new_classifier_scale is not None else args.classifier_scale)
     variants = [Variant("today's defaults", today), Variant("new defaults", new),
@@ -66,7 +67,7 @@ def variants_for(args, loop_images, anomaly_images):
     if anomaly_images:
         measured = min(args.anomaly_measured_steps, args.anomaly_steps)
         variants.append(Variant(f"anomaly L={args.anomaly_steps} (from {measured})",
-                                CdmSettings(measured, 10, args.tau, args.classifier_scale), kind="anomaly",
+                                OperatingPoint(measured, 10, args.tau, args.classifier_scale), kind="anomaly",
                                 images=anomaly_images, score=False))
     return variants
 

@@ -22,8 +22,9 @@ import torch
 
 from guided_diffusion import dist_util
 from guided_diffusion.bench import benchmarks
-from guided_diffusion.bench.timing import CdmSettings, Inputs, load_inputs, profile_cgcdm
+from guided_diffusion.bench.timing import Inputs, describe_point, load_inputs, profile_cgcdm
 from guided_diffusion.cli import UserError, atomic_write_text, run_main
+from guided_diffusion.segment.config import OperatingPoint
 from guided_diffusion.segment.postprocess import MaskOptions
 from guided_diffusion.volumes import parse_int_list
 
@@ -49,7 +50,7 @@ def main(argv=None):
         raise UserError("--sizes and --images need one entry per size")
     if not os.path.isfile(os.path.join(args.models, "ddpm", "args.json")):
         raise UserError(f"--models {args.models}: no ddpm/args.json (the shipped demo models' folder)")
-    settings = CdmSettings(args.noise_level, args.steps, args.tau, args.classifier_scale)
+    settings = OperatingPoint(args.noise_level, args.steps, args.tau, args.classifier_scale)
     mask_options = MaskOptions(smooth_sigma=1.0, foreground_only=True)
     device = dist_util.dev()
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
@@ -63,13 +64,14 @@ def main(argv=None):
         shipped = size == shipped_size and os.path.isdir(args.src_dir)
         inputs = Inputs(size, count, args.models, shipped=shipped, src_dir=args.src_dir, device=str(device))
         reading, state = benchmarks.timed(lambda: load_inputs(inputs), device)
-        profile_cgcdm(state, CdmSettings(args.noise_level, 1, args.tau, args.classifier_scale))  # warm-up
+        profile_cgcdm(state, OperatingPoint(args.noise_level, 1, args.tau, args.classifier_scale))  # warm-up
         phases, _ = profile_cgcdm(state, settings, mask_options)
         if shipped:
             phases.append(dict(phase="reading the slices and the models", seconds=reading, calls=1, flops=None))
         total = sum(p["seconds"] for p in phases)
         what = "shipped demo models, validation slices" if shipped else "random demo-configuration networks"
-        print(f"\n{size} px, batch {len(state['x0'])} ({what}), {settings.describe(state['diffusion'].num_timesteps)}: "
+        point = describe_point(settings, state["diffusion"].num_timesteps)
+        print(f"\n{size} px, batch {len(state['x0'])} ({what}), {point}: "
               f"{total:.1f} s, {total / len(state['x0']):.3f} s per image")
         for p in phases:
             p.update(size=size, images=len(state["x0"]), share=p["seconds"] / total,

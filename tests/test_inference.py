@@ -334,7 +334,8 @@ def test_benchmark_levers_switch_the_networks_through_their_public_switch():
 
 def test_profile_counts_each_network_call_and_leaves_the_maps_unchanged():
     from guided_diffusion.bench.benchmarks import count_flops
-    from guided_diffusion.bench.timing import CdmSettings, profile_cgcdm
+    from guided_diffusion.bench.timing import profile_cgcdm
+    from guided_diffusion.segment.config import OperatingPoint
 
     model, diffusion = random_unet()
     classifier = random_classifier()
@@ -342,7 +343,7 @@ def test_profile_counts_each_network_call_and_leaves_the_maps_unchanged():
     y1 = torch.ones(3, dtype=torch.long)
     state = dict(model=model, diffusion=diffusion, classifier=classifier, x0=x0, noise=noise, y1=y1,
                  device=torch.device("cpu"))
-    rows, maps = profile_cgcdm(state, CdmSettings(noise_level=30, steps=3, tau=0.0, classifier_scale=10.0))
+    rows, maps = profile_cgcdm(state, OperatingPoint(noise_level=30, steps=3, tau=0.0, classifier_scale=10.0))
     by_phase = {row["phase"].split(" (")[0]: row for row in rows}
     assert [by_phase[p]["calls"] for p in ("UNet forward", "classifier forward", "classifier backward")] == [3, 3, 3]
     assert all(row["seconds"] >= 0 for row in rows)

@@ -24,23 +24,16 @@ from ..guidance import make_classifier_cond_fn
 from ..inference import prepare_for_inference
 from ..metrics import dice
 from ..segment.chain import noise_step, per_image_noise
+from ..segment.config import OperatingPoint
 from ..segment.postprocess import saliency_to_mask
 from ..segment.saliency import anomaly_saliency, cdm_saliency
 from . import benchmarks
 
 
-@dataclass(frozen=True)
-class CdmSettings:
-    """The CG-CDM settings a benchmark variant runs at (Q as a fraction of T, R, tau, s)."""
-
-    noise_level: float = 0.1
-    steps: int = 10
-    tau: float = 0.0
-    classifier_scale: float = 10.0
-
-    def describe(self, num_timesteps):
-        return (f"Q={noise_step(self.noise_level, num_timesteps)}, R={self.steps}, tau={self.tau:g}, "
-                f"s={self.classifier_scale:g}")
+def describe_point(point, num_timesteps):
+    """How the benchmarks' tables name an `OperatingPoint`: Q as the step it is, R, tau, s."""
+    return (f"Q={noise_step(point.noise_level, num_timesteps)}, R={point.steps}, tau={point.tau:g}, "
+            f"s={point.classifier_scale:g}")
 
 
 @dataclass(frozen=True)
@@ -185,7 +178,7 @@ class Variant:
     """
 
     label: str
-    settings: CdmSettings
+    settings: OperatingPoint
     kind: str = "batched"
     images: int = 0  # 0: every image of the inputs
     levers_off: tuple = ()
@@ -198,7 +191,7 @@ class Variant:
         s = self.settings
         if self.kind == "anomaly":
             return f"L={int(s.noise_level)} measured, s={s.classifier_scale:g}"
-        return s.describe(num_timesteps)
+        return describe_point(s, num_timesteps)
 
 
 ORIGINAL_LEVERS_OFF = ("upsample_copy", "contiguous_attention", "heap_reuse", "shared_first_step")
