@@ -27,6 +27,7 @@ the failing rank's line and status (`dist_util.end_together`).
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -273,6 +274,20 @@ def _end_every_rank(dist_util, err, report):
         print(line, file=sys.stderr, flush=True)
     dist_util.wait_for_the_others()
     sys.exit(status)
+
+
+def read_json(path, flag):
+    """A JSON object read from `path`; UserError naming `flag` and the path otherwise."""
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path}: no such file")
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{flag} {path}: not a JSON file ({str(err).splitlines()[0] if str(err) else err})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{flag} {path}: expected a JSON object, found {type(value).__name__}")
+    return value
 
 
 def require_dir(path, flag):

@@ -25,7 +25,7 @@ import shutil
 import torch
 
 from .checkpoint_util import ARGS_FILE, check_same_diffusion, load_classifier, load_model_and_diffusion, parse_step
-from .cli import UserError, atomic_directory
+from .cli import UserError, atomic_directory, read_json  # noqa: F401  (read_json: also for the commands)
 from .weights import read_checkpoint
 
 FORMAT = 1
@@ -48,20 +48,6 @@ DEFAULT_CHOICE = "mask_tuned"
 DATASET_ONLY_KEYS = ("input_dir", "input_dir_relative", "subjects", "cases", "counts", "val_fraction", "seed")
 # selection.json paths that name the models the settings were chosen with: the folder's own copies.
 SELECTION_MODEL_PATHS = {"model_path": DDPM_WEIGHTS, "classifier_path": CLASSIFIER_WEIGHTS}
-
-
-def read_json(path, flag):
-    """A JSON object read from `path`; UserError naming `flag` and the path otherwise."""
-    if not os.path.isfile(path):
-        raise UserError(f"{flag} {path}: no such file")
-    try:
-        with open(path) as f:
-            value = json.load(f)
-    except (OSError, ValueError) as err:
-        raise UserError(f"{flag} {path}: not a JSON file ({str(err).splitlines()[0] if str(err) else err})") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{flag} {path}: expected a JSON object, found {type(value).__name__}")
-    return value
 
 
 def _is_absolute_path(value):

@@ -25,7 +25,7 @@ from guided_diffusion.cli import ArgumentParser, UserError, run_main
 from guided_diffusion.layouts import REGIONS, region_labels
 from guided_diffusion.volumes import (
     SliceOptions, add_converter_flags, check_converter_flags, check_slice_options, export_slice_dataset,
-    find_brats_cases, format_counts, parse_int_list, parse_modalities,
+    report_conversion, find_brats_cases, parse_int_list, parse_modalities,
 )
 
 
@@ -37,9 +37,6 @@ def create_argparser():
     p.add_argument("--modality", default="flair",
                    help="flair, t1, t1ce, t2 (or the BraTS 2023 names t2f, t1n, t1c, t2w), 'all' (4 channels, "
                         "written as .npy) or a comma list (default: flair)")
-    p.add_argument("--image_size", type=int, default=224, help="side of the square slices in pixels (default: 224)")
-    p.add_argument("--min_tumor_pixels", type=int, default=10,
-                   help="lesion pixels (after resizing) a slice needs to be called tumor (default: 10)")
     p.add_argument("--region", choices=tuple(REGIONS), default=None,
                    help="the lesion by name, in whichever label scheme the layout has: wt whole tumour (every "
                         "tumour label), tc tumour core (without the edema), et enhancing tumour (default: every "
@@ -56,9 +53,8 @@ def create_argparser():
                    help="cut a square around the subject's brain before resizing, or keep the whole slice "
                         "(default: brain)")
     p.add_argument("--crop_margin", type=int, default=4, help="voxels added around the brain's box (default: 4)")
-    p.add_argument("--format", choices=("png", "jpg"), default="png",
-                   help="file type of one-channel images; several channels are always .npy (default: png)")
-    add_converter_flags(p, "subjects")
+    add_converter_flags(p, "subjects", image_size=224, positive="lesion",
+                        format_help="file type of one-channel images; several channels are always .npy")
     return p
 
 
@@ -89,8 +85,7 @@ def main(argv=None):
                                   labels_flag=labels_flag,
                                   extra_settings=dict(dataset="brats", modalities=list(modalities),
                                                       label_scheme=layout, region=region))
-    print(format_counts(counts))
-    print(f"wrote {args.out_dir}")
+    report_conversion(counts, args.out_dir)
 
 
 

@@ -21,7 +21,7 @@ from guided_diffusion import chaos
 from guided_diffusion.cli import ArgumentParser, UserError, run_main
 from guided_diffusion.volumes import (
     SliceOptions, add_converter_flags, check_converter_flags, check_slice_options, export_slice_dataset,
-    format_counts, parse_int_list,
+    report_conversion, parse_int_list,
 )
 
 
@@ -37,13 +37,9 @@ def create_argparser():
     p.add_argument("--class_index", default="2,3",
                    help="organ(s) that make a slice positive, comma-separated: 1 liver, 2 right kidney, 3 left "
                         "kidney, 4 spleen (default: 2,3, both kidneys, the paper's task)")
-    p.add_argument("--image_size", type=int, default=128, help="side of the square slices in pixels (default: 128)")
     p.add_argument("--clip_percentiles", type=float, nargs=2, default=(0.5, 99.5), metavar=("LOW", "HIGH"),
                    help="percentiles of all the volume's voxels mapped to black and white (default: 0.5 99.5)")
-    p.add_argument("--min_tumor_pixels", type=int, default=10,
-                   help="organ pixels (after resizing) a slice needs to be positive (default: 10)")
-    p.add_argument("--format", choices=("png", "jpg"), default="png", help="image file type (default: png)")
-    add_converter_flags(p, "patients")
+    add_converter_flags(p, "patients", image_size=128, positive="organ")
     return p
 
 
@@ -66,8 +62,7 @@ def main(argv=None):
         extra_settings=dict(dataset="chaos", modality=args.modality, class_index=list(class_indices),
                             organs={str(k): v for k, v in chaos.ORGANS.items()},
                             grey_ranges={str(k): list(v) for k, v in chaos.GREY_RANGES.items()}))
-    print(format_counts(counts))
-    print(f"wrote {args.out_dir}")
+    report_conversion(counts, args.out_dir)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import argparse
 from guided_diffusion.cli import ArgumentParser, UserError, run_main
 from guided_diffusion.volumes import (
     SliceOptions, add_converter_flags, check_converter_flags, check_slice_options, export_slice_dataset,
-    find_btcv_cases, format_counts, parse_int_list,
+    report_conversion, find_btcv_cases, parse_int_list,
 )
 
 
@@ -28,13 +28,9 @@ def create_argparser():
     p.add_argument("--class_index", default="1",
                    help="organ label(s) that make a slice positive, comma-separated; the original code's class 2 "
                         "meant both kidneys, i.e. '2,3' (default: 1, spleen)")
-    p.add_argument("--image_size", type=int, default=128, help="side of the square slices in pixels (default: 128)")
     p.add_argument("--ct_window", type=float, nargs=2, default=(-125.0, 275.0), metavar=("LOW", "HIGH"),
                    help="Hounsfield units mapped to black and white (default: -125 275)")
-    p.add_argument("--min_tumor_pixels", type=int, default=10,
-                   help="organ pixels (after resizing) a slice needs to be positive (default: 10)")
-    p.add_argument("--format", choices=("png", "jpg"), default="png", help="image file type (default: png)")
-    add_converter_flags(p, "cases")
+    add_converter_flags(p, "cases", image_size=128, positive="organ")
     return p
 
 
@@ -53,8 +49,7 @@ def main(argv=None):
     counts = export_slice_dataset(cases, args.out_dir, options, input_dir=args.input_dir,
                                   val_fraction=args.val_fraction, seed=args.seed, workers=args.workers,
                                   extra_settings=dict(dataset="synapse", class_index=list(class_indices)))
-    print(format_counts(counts))
-    print(f"wrote {args.out_dir}")
+    report_conversion(counts, args.out_dir)
 
 
 

@@ -27,7 +27,8 @@ from .. import dist_util
 from ..checkpoint_util import read_args_json
 from ..cli import ArgumentParser, UserError, add_flags, atomic_directory, explicit_flags
 from ..layouts import REGIONS
-from ..model_folder import preprocessing_beside, read_json
+from ..cli import read_json
+from ..model_folder import preprocessing_beside
 from ..run_lock import folder_lock
 from ..volumes import parse_modalities
 from .command import HELP, add_model_flags, check_flags, prepare_run, segmentation_defaults

@@ -9,10 +9,9 @@ values onto the parsed flags, except the flags typed on the command line, which 
 records what was used (`applied`). A key of the file that the command cannot honour is an error.
 """
 
-import json
 import os
 
-from ..cli import UserError
+from ..cli import UserError, read_json
 from .config import SegmentationConfig, choices_of
 
 
@@ -20,12 +19,8 @@ def read_selection(path, flag="--settings"):
     """selection.json as a dict; UserError naming `flag` unless it is one."""
     if not os.path.isfile(path):
         raise UserError(f"{flag} {path}: no such file (scripts/ablation.py writes selection.json)")
-    try:
-        with open(path) as f:
-            selection = json.load(f)
-    except (OSError, ValueError) as err:
-        raise UserError(f"{flag} {path}: not a JSON file ({err})") from None
-    if not isinstance(selection, dict) or not choices_of(selection):
+    selection = read_json(path, flag)
+    if not choices_of(selection):
         raise UserError(f"{flag} {path}: not a selection of scripts/ablation.py (no choice with "
                         f"noise_level, steps, tau and classifier_scale)")
     return selection
