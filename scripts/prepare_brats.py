@@ -18,22 +18,20 @@ example:
   python scripts/prepare_brats.py --input_dir Task01_BrainTumour --out_dir data/msd/tc --region tc
 """
 
-import argparse
 from dataclasses import replace
 
-from guided_diffusion.cli import ArgumentParser, UserError, run_main
+from guided_diffusion.cli import UserError, run_main
+from guided_diffusion.convert_cli import (
+    add_converter_flags, check_converter_flags, converter_parser, report_conversion,
+)
 from guided_diffusion.layouts import REGIONS, region_labels
 from guided_diffusion.volumes import (
-    SliceOptions, add_converter_flags, check_converter_flags, check_slice_options, export_slice_dataset,
-    report_conversion, find_brats_cases, parse_int_list, parse_modalities,
+    SliceOptions, check_slice_options, export_slice_dataset, find_brats_cases, parse_int_list, parse_modalities,
 )
 
 
 def create_argparser():
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                       allow_abbrev=False)
-    p.add_argument("--input_dir", required=True, help="BraTS folder with one sub-folder per subject")
-    p.add_argument("--out_dir", required=True, help="where the slice layout goes (replaced if it holds an earlier one)")
+    p = converter_parser(__doc__, "BraTS folder with one sub-folder per subject")
     p.add_argument("--modality", default="flair",
                    help="flair, t1, t1ce, t2 (or the BraTS 2023 names t2f, t1n, t1c, t2w), 'all' (4 channels, "
                         "written as .npy) or a comma list (default: flair)")

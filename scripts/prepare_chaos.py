@@ -15,22 +15,17 @@ example:
       --modality t2spir --class_index 2,3
 """
 
-import argparse
-
 from guided_diffusion import chaos
-from guided_diffusion.cli import ArgumentParser, UserError, run_main
-from guided_diffusion.volumes import (
-    SliceOptions, add_converter_flags, check_converter_flags, check_slice_options, export_slice_dataset,
-    report_conversion, parse_int_list,
+from guided_diffusion.cli import UserError, run_main
+from guided_diffusion.convert_cli import (
+    add_converter_flags, check_converter_flags, converter_parser, report_conversion,
 )
+from guided_diffusion.volumes import SliceOptions, check_slice_options, export_slice_dataset, parse_int_list
 
 
 def create_argparser():
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                       allow_abbrev=False)
-    p.add_argument("--input_dir", required=True,
-                   help="CHAOS Train_Sets folder (holding MR/) or the MR folder itself: one folder per patient")
-    p.add_argument("--out_dir", required=True, help="where the slice layout goes (replaced if it holds an earlier one)")
+    p = converter_parser(__doc__, "CHAOS Train_Sets folder (holding MR/) or the MR folder itself: one folder "
+                                  "per patient")
     p.add_argument("--modality", choices=tuple(chaos.SERIES), default="t2spir",
                    help="series to convert: t2spir (T2SPIR/DICOM_anon), t1in or t1out (T1DUAL/DICOM_anon/InPhase "
                         "or OutPhase); the paper used T2-SPIR (default: t2spir)")

@@ -11,20 +11,17 @@ example:
   python scripts/prepare_synapse.py --input_dir RawData/Training --out_dir data/synapse/kidney --class_index 2,3
 """
 
-import argparse
-
-from guided_diffusion.cli import ArgumentParser, UserError, run_main
+from guided_diffusion.cli import UserError, run_main
+from guided_diffusion.convert_cli import (
+    add_converter_flags, check_converter_flags, converter_parser, report_conversion,
+)
 from guided_diffusion.volumes import (
-    SliceOptions, add_converter_flags, check_converter_flags, check_slice_options, export_slice_dataset,
-    report_conversion, find_btcv_cases, parse_int_list,
+    SliceOptions, check_slice_options, export_slice_dataset, find_btcv_cases, parse_int_list,
 )
 
 
 def create_argparser():
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                       allow_abbrev=False)
-    p.add_argument("--input_dir", required=True, help="folder holding img/ and label/")
-    p.add_argument("--out_dir", required=True, help="where the slice layout goes (replaced if it holds an earlier one)")
+    p = converter_parser(__doc__, "folder holding img/ and label/")
     p.add_argument("--class_index", default="1",
                    help="organ label(s) that make a slice positive, comma-separated; the original code's class 2 "
                         "meant both kidneys, i.e. '2,3' (default: 1, spleen)")
