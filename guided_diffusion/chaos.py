@@ -62,7 +62,8 @@ import numpy as np
 from PIL import Image
 
 from .cli import UserError
-from .volumes import VolumeCase, _one_line
+from .layouts import VolumeCase
+from .volumes.reading import _one_line
 
 ORGANS = {1: "liver", 2: "right kidney", 3: "left kidney", 4: "spleen"}
 GREY_RANGES = {1: (55, 70), 2: (110, 135), 3: (175, 200), 4: (240, 255)}  # inclusive, per organ number
