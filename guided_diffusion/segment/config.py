@@ -9,9 +9,8 @@
 `SegmentationConfig.from_selection(selection, choice)` reads one choice of selection.json
 (`scripts/ablation.py`) strictly: a key that is neither a setting nor one of the study's records
 (`CHOICE_RECORDS`) is an error, never skipped. Each value is checked once, in its dataclass.
-`values()` gives the flat names that the front ends' flags share (`--noise_level`, ...,
-`--keep_largest`, `--detect_threshold`, `--min_separability`), so a new setting is one field here
-and one flag there.
+`values()` gives the flat names that the front ends' flags share (noise_level, ..., keep_largest,
+detect_threshold, min_separability), so a new setting is one field here and one flag there.
 """
 
 from dataclasses import asdict, dataclass, field, fields

@@ -25,7 +25,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from ..cli import atomic_directory
+from ..files import atomic_directory
 from ..metrics import evaluate_masks, summarize
 from .detect import detection_scores
 from .postprocess import MaskOptions, foreground_mask, normalize_map, otsu_separability, saliency_to_mask

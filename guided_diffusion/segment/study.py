@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..checkpoint_util import load_classifier, load_model_and_diffusion
-from ..cli import atomic_path, atomic_write_text
+from ..files import atomic_path, atomic_write_text
 from ..script_util import diffusion_from_config
 from .label_free import (POSTPROCESSED, best_criterion, criterion_correlations, point_criteria,
                          point_key, tumour_probability)

@@ -12,7 +12,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from .. import layouts
-from ..cli import UserError, atomic_directory
+from ..cli import UserError
+from ..files import atomic_directory
 from .options import SPLITS, CLASSES, MANIFEST_NAME, SETTINGS_NAME, MANIFEST_FIELDS
 from .pixels import normalize_percentiles, ct_window, square_box, cut_box, resize2d, to_uint8
 from .reading import load_canonical, lesion_mask, label_values, voxel_geometry
