@@ -136,6 +136,19 @@ def write_marker(work_dir, stage):
     atomic_write_text(marker_path(work_dir, stage.name), json.dumps(record, indent=1) + "\n")
 
 
+def record_time(work_dir, name, seconds):
+    """Add a stage's wall-clock seconds to WORK/stages/times.json ({stage: seconds}, summed over the runs
+    that resumed it), where the measured times of a recipe are read from."""
+    path = os.path.join(work_dir, "stages", "times.json")
+    try:
+        with open(path) as f:
+            times = json.load(f)
+    except (OSError, ValueError):
+        times = {}
+    times[name] = round(times.get(name, 0.0) + seconds, 1)
+    atomic_write_text(path, json.dumps(times, indent=1) + "\n")
+
+
 def stage_done(work_dir, stage):
     if not stage.complete():
         return False
@@ -574,7 +587,10 @@ def main(argv=None, log=print):
         if stage.name in ("ddpm", "classifier") and _steps_done(stage):
             log(f"  resuming at step {_steps_done(stage)} of {stage.details['steps']}")
         sys.stdout.flush()
+        started = time.monotonic()
         status = run_stage(stage.command)
+        seconds = time.monotonic() - started
+        record_time(args.work_dir, stage.name, seconds)
         if status != 0:
             signum = status - 128 if status > 128 else -status if status < 0 else 0
             if signum in (signal.SIGINT, signal.SIGTERM):
@@ -585,6 +601,7 @@ def main(argv=None, log=print):
             raise SystemExit(status if 0 < status < 128 else 1)
         if stage.recorded:
             write_marker(args.work_dir, stage)
+        log(f"  {stage.name} finished in {_duration(seconds)}")
         if stage.name == "prepare":
             check_prepared(slices, f"--input_dir {args.input_dir} (prepared into {slices})")
     if not args.dry_run:

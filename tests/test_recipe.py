@@ -49,6 +49,9 @@ def test_the_recipe_runs_end_to_end_then_its_model_folder_segments_a_scan(tmp_pa
     assert card["ddpm"]["weights"] == "EMA 0.999" and card["ddpm"]["training_steps"] == 2
     assert card["classifier"]["training_steps"] == 2 and card["selection"]["split"] == "training"
     assert (work / "ddpm" / "ema_0.999_000002.pt").read_bytes() == (folder / "ddpm" / "model.pt").read_bytes()
+    times = json.loads((work / "stages" / "times.json").read_text())  # each stage's measured wall-clock time
+    assert list(times) == ["prepare", "ddpm", "classifier", "ablation", "export"]
+    assert all(seconds > 0 for seconds in times.values()) and "ddpm finished in" in text
 
     out = tmp_path / "scans"
     scans_command.main(["--input", str(raw / "S1"), "--model_dir", str(folder), "--out_dir", str(out)])
