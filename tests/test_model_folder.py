@@ -229,7 +229,6 @@ def test_the_shipped_demo_folder_is_a_model_folder():
 
 
 def test_compare_scan_decisions_scores_each_choice_and_decision_in_the_scans_grid(setup, tmp_path):
-    from guided_diffusion.metrics import dice_3d
     from guided_diffusion.segment import compare_command
 
     folder = tmp_path / "model"

@@ -1,7 +1,6 @@
 """scripts/train_recipe.py: raw subjects in, a model folder out, stage by stage."""
 
 import json
-import os
 
 import nibabel as nib
 import pytest

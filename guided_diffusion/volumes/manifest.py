@@ -7,7 +7,6 @@ import os
 import nibabel as nib
 import numpy as np
 
-from .. import layouts
 from ..cli import UserError
 from .options import MANIFEST_NAME, SETTINGS_NAME, MANIFEST_FIELDS, MANIFEST_INT_FIELDS
 from .pixels import paste_box, resize2d
