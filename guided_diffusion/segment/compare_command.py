@@ -13,8 +13,8 @@ import json
 import os
 
 from .. import dist_util
-from ..cli import UserError, atomic_directory
-from ..model_folder import DDPM_WEIGHTS, CLASSIFIER_WEIGHTS, PREPROCESSING, SELECTION, read_json, read_model_card
+from ..cli import UserError, atomic_directory, read_json
+from ..model_folder import DDPM_WEIGHTS, CLASSIFIER_WEIGHTS, PREPROCESSING, SELECTION, read_model_card
 from .report import clean_json
 from .scan_compare import compare_decisions, format_comparison, summarise_comparison
 from .scan_decision import ScanDecision
