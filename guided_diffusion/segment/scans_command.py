@@ -31,7 +31,8 @@ from ..cli import read_json
 from ..model_folder import preprocessing_beside
 from ..run_lock import folder_lock
 from ..volumes import parse_modalities
-from .command import HELP, add_model_flags, check_flags, prepare_run, segmentation_defaults
+from .command import HELP, add_model_flags, check_flags, segmentation_defaults
+from .run import prepare_run
 from .report import clean_json, write_json
 from .scan_checks import expectations
 from .scan_decision import DECISION_RULES, ScanDecision
