@@ -16,7 +16,7 @@ running stage as that script stops (a training run saves the step it is on) and 
 its status.
 
 The presets: `cpu`, the demo recipe of scripts/train_demo.py (64 px, small networks, 1800 + 700 steps;
-about 80 minutes on 2 CPU cores for the demo data), and `paper`, the paper's 256 px and network widths
+about an hour in all on 2 CPU cores for 72 demo-sized subjects, see docs/training.md), and `paper`, the paper's 256 px and network widths
 (128 channels, 3 residual blocks), for a GPU. Every setting can be changed: the named flags, or any flag of
 a stage's script through --prepare_flags, --ddpm_flags, --classifier_flags, --ablation_flags,
 --validate_flags (they win over the preset).
