@@ -301,9 +301,11 @@ def test_kept_freed_memory_does_not_grow_over_repeated_batches():
     applied, *resident = result.stdout.split()
     resident = [float(r) for r in resident]
     assert applied == "True"
-    # The peak is reached in the first rounds (a few MiB of caches settle later); afterwards freed blocks
-    # are reused, not added to: a batch's activations kept each round would add about 5 MiB per round.
-    assert max(resident[8:]) - max(resident[:8]) < 4.0, resident
+    # Freed blocks are reused, not added to: a batch's activations kept each round would add about 5 MiB
+    # every round. One-time jumps of a few MiB (caches, the allocator's arenas settling) come at any round,
+    # so of the last 8 rounds at most 2 may grow by more than 2 MiB.
+    growing = [later - earlier for earlier, later in zip(resident[7:], resident[8:]) if later - earlier > 2.0]
+    assert len(growing) <= 2, resident
 
 
 # ---------------------------------------------------------------------------------------------
