@@ -34,11 +34,10 @@ import time
 from dataclasses import dataclass, field
 
 from .cli import ArgumentParser, Stopped, Terminated, UserError, atomic_write_text, str2bool
-from .recipe_estimate import duration_text, estimate_lines, steps_done
+from .recipe_preflight import check_prepared, check_raw_subjects, duration_text, estimate_lines, steps_done
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "scripts")
-MIN_SUBJECTS = 4  # the smallest data set the recipe trains on: at least 3 to learn from and 1 to check on
 
 PRESETS = {
     "cpu": {
@@ -292,57 +291,6 @@ def build_stages(args):
     model_card = os.path.join(out_dir, "model.json")
     stages.append(Stage("export", "export_model.py", export, out_dir, complete=lambda: os.path.isfile(model_card)))
     return stages, slices, modalities
-
-
-# ---------------------------------------------------------------------------------------------
-# Checks of the data
-
-
-def _too_small(where, counts, val_fraction=None):
-    total = sum(counts.values())
-    training, validation = counts.get("training", 0), counts.get("validation", 0)
-    if total >= MIN_SUBJECTS and validation >= 1 and training >= MIN_SUBJECTS - 1:
-        return
-    split = f" with --val_fraction {val_fraction:g}" if val_fraction is not None else ""
-    raise UserError(f"{where}: {total} subject(s), {training} for training and {validation} for validation{split}; "
-                    f"the recipe needs at least {MIN_SUBJECTS} subjects, {MIN_SUBJECTS - 1} to train on and 1 to "
-                    f"validate on")
-
-
-def check_raw_subjects(input_dir, modalities, val_fraction, seed):
-    """Refuse raw data too small to train on, before anything runs. Folders that are not BraTS-style
-    subjects (another layout prepare_brats.py reads) are counted after the prepare stage instead."""
-    from .volumes import find_brats_cases, split_subjects
-
-    if not os.path.isdir(input_dir):
-        raise UserError(f"--input_dir {input_dir}: no such directory")
-    folders = [d for d in os.listdir(input_dir) if not d.startswith(".") and os.path.isdir(os.path.join(input_dir, d))]
-    if not folders:
-        raise UserError(f"--input_dir {input_dir}: no subjects (expected one folder per subject, as "
-                        f"scripts/prepare_brats.py reads); the recipe needs at least {MIN_SUBJECTS}")
-    try:
-        cases = find_brats_cases(input_dir, modalities)
-    except UserError:
-        return None  # not (only) BraTS-style subject folders: prepare_brats.py reads or refuses them
-    split = split_subjects([c.subject for c in cases], val_fraction, seed)
-    counts = {s: sum(v == s for v in split.values()) for s in ("training", "validation")}
-    _too_small(f"--input_dir {input_dir}", counts, val_fraction)
-    return counts
-
-
-def check_prepared(slices, where):
-    """Refuse a prepared dataset too small to train on (from its dataset.json's subjects); `where` names
-    it in the message. Returns the subjects per split and the validation tumour slices, or None."""
-    from .volumes import read_settings
-
-    settings = read_settings(slices)
-    subjects = settings.get("subjects")
-    if not isinstance(subjects, dict):
-        return None  # a hand-made layout: the training scripts check its images
-    counts = {s: len(v) for s, v in subjects.items()}
-    _too_small(where, counts)
-    validation = (settings.get("counts") or {}).get("validation") or {}
-    return {**counts, "validation_tumor_slices": validation.get("tumor", 0)}
 
 
 # ---------------------------------------------------------------------------------------------

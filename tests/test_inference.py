@@ -19,10 +19,12 @@ from guided_diffusion.segment import saliency
 T = 200
 
 
-def random_unet(size=16):
+def random_unet(size=16, **overrides):
+    """A small UNet and its diffusion (T steps) with random weights that make every block matter."""
     config = model_and_diffusion_defaults()
     config.update(image_size=size, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions=str(size // 2),
                   diffusion_steps=T, class_cond=True)
+    config.update(overrides)
     model, diffusion = create_model_and_diffusion(**config)
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():

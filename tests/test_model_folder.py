@@ -14,8 +14,8 @@ from guided_diffusion.checkpoint_util import write_args_json
 from guided_diffusion.cli import UserError
 from guided_diffusion.model_folder import export_model_folder
 from guided_diffusion.segment import command, scans_command
-from guided_diffusion.volumes import SliceOptions, export_slice_dataset
-from test_image_p_seg import write_classifier, write_model, write_subject
+from test_image_p_seg import write_classifier, write_model
+from test_segment_scans import scan_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Settings a wrong --model_dir would miss: one DDIM step, no guidance scale of 10, every slice segmented.
@@ -32,11 +32,7 @@ SELECTION = {
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("model_folder")
-    raw = root / "raw"
-    cases = [write_subject(str(raw), f"S{i}", i) for i in range(3)]
-    slices = root / "slices"
-    export_slice_dataset(cases, str(slices), SliceOptions(image_size=32, min_lesion_pixels=4), input_dir=str(raw),
-                         val_fraction=0.34, seed=0, extra_settings=dict(dataset="brats", modalities=["flair"]))
+    raw, slices = scan_dataset(root)
     model = write_model(str(root / "ddpm"))
     ema = root / "ddpm" / "ema_0.9999_000012.pt"  # as training names its EMA weights
     shutil.copyfile(model, ema)

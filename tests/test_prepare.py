@@ -129,15 +129,21 @@ def test_split_depends_only_on_subjects_and_seed():
         volumes.split_subjects(names, 1.0, seed=0)
 
 
-def test_masks_lie_on_the_lesion(brats_dir, tmp_path):
-    rows = run_brats(brats_dir, tmp_path / "out")
-    out = tmp_path / "out"
+def positive_slices(out, rows):
+    """(row, image, mask) of every positive slice of a written layout, after checking that each mask has
+    the manifest's pixel count and that the normal slices' masks are empty."""
     for row in rows:
         image, mask = read_png(out / row["file"]).astype(float), read_png(out / row["mask"]) > 0
         assert mask.sum() == row["lesion_pixels"]
         if row["label"] == "normal":
             assert not mask.any()
-            continue
+        else:
+            yield row, image, mask
+
+
+def test_masks_lie_on_the_lesion(brats_dir, tmp_path):
+    rows = run_brats(brats_dir, tmp_path / "out")
+    for _, image, mask in positive_slices(tmp_path / "out", rows):
         brain = image > 0
         # the lesion is +400 over a ~100..300 brain: far brighter inside the mask than around it
         assert image[mask].mean() > image[brain & ~mask].mean() + 100

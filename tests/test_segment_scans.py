@@ -25,14 +25,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIONS = SliceOptions(image_size=32, min_lesion_pixels=4)
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("scans")
+def scan_dataset(root):
+    """Three synthetic FLAIR subjects under root/raw and their slice layout under root/slices."""
     raw = root / "raw"
     cases = [write_subject(str(raw), f"S{i}", i) for i in range(3)]
     slices = root / "slices"
     export_slice_dataset(cases, str(slices), OPTIONS, input_dir=str(raw), val_fraction=0.34, seed=0,
                          extra_settings=dict(dataset="brats", modalities=["flair"]))
+    return raw, slices
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scans")
+    raw, slices = scan_dataset(root)
     model = write_model(str(root / "ddpm"))
     args_json = root / "ddpm" / "args.json"
     args_json.write_text(json.dumps({**json.loads(args_json.read_text()), "src_dir": str(slices)}))  # as training writes

@@ -13,12 +13,7 @@ from guided_diffusion.segment.methods import Anomaly, SaliencySettings
 from guided_diffusion.guidance import make_classifier_cond_fn
 from guided_diffusion.metrics import dice
 from guided_diffusion.segment.postprocess import saliency_to_mask
-from guided_diffusion.script_util import (
-    create_classifier,
-    create_gaussian_diffusion,
-    create_model_and_diffusion,
-    model_and_diffusion_defaults,
-)
+from guided_diffusion.script_util import create_classifier, create_gaussian_diffusion
 
 T = 200
 SIZE = 16
@@ -146,16 +141,10 @@ def test_soft_label_branch_is_the_linear_mix_of_the_hard_label_branches():
 
 
 def tiny_unet():
-    config = model_and_diffusion_defaults()
-    config.update(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="16",
-                  diffusion_steps=T, learn_sigma=True)
-    model, diffusion = create_model_and_diffusion(**config)
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
-        model.label_emb.weight.mul_(20)
-    return model.eval(), diffusion
+    from test_inference import T as inference_T, random_unet
+
+    assert inference_T == T
+    return random_unet(32, learn_sigma=True)
 
 
 def tiny_classifier():
