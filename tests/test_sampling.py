@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from guided_diffusion import sampling, script_util
+from guided_diffusion import sample_files, sampling, script_util
 from guided_diffusion.checkpoint_util import write_args_json
 from guided_diffusion.cli import run_main
 from guided_diffusion.guidance import make_classifier_cond_fn
@@ -206,8 +206,8 @@ def test_guidance_raises_the_classifier_log_probability_of_the_target(use_ddim, 
 def test_sample_grid_and_npz_are_written(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, size=(3, 16, 16, 1), dtype=np.uint8)
     labels = np.array([0, 1, 1])
-    npz = sampling.save_samples_npz(images, labels, str(tmp_path))
-    png = sampling.save_sample_grid(images, labels, str(tmp_path / "grid.png"))
+    npz = sample_files.save_samples_npz(images, labels, str(tmp_path))
+    png = sample_files.save_sample_grid(images, labels, str(tmp_path / "grid.png"))
     assert os.path.basename(npz) == "samples_3x16x16x1.npz"
     with np.load(npz) as data:
         assert np.array_equal(data["arr_0"], images) and np.array_equal(data["arr_1"], labels)

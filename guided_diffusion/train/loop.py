@@ -14,7 +14,6 @@ import contextlib
 import copy
 import math
 import os
-import signal
 
 import numpy as np
 import torch
@@ -29,6 +28,7 @@ from ..resample import LossAwareSampler, UniformSampler
 from . import checkpoints
 from .plots import plot_curves, truncate_progress
 from .precision import Precision, resolve_amp
+from .stopping import graceful_stop
 
 
 class NonFiniteLossError(UserError):
@@ -196,7 +196,7 @@ class TrainLoopBase:
 
             bar = tqdm(total=self.max_steps or None, initial=self.step, desc="train", dynamic_ncols=True)
         try:
-            with _graceful_stop(self):
+            with graceful_stop(self):
                 while not self.max_steps or self.step < self.max_steps:
                     batch = self._next_batch()
                     if batch is None:  # stopped while waiting for data
@@ -355,56 +355,6 @@ class TrainLoopBase:
         if self.schedule_sampler is not None:
             checkpoints.load_sampler_state(self.schedule_sampler, state.get("sampler"))
         self.load_extra_state(state.get("extra") or {})
-
-
-@contextlib.contextmanager
-def _graceful_stop(loop):
-    """SIGTERM or a first Ctrl-C finishes the current step, saves, and stops; a second Ctrl-C aborts."""
-
-    def request_stop(signum, frame):
-        if loop.stop_requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        loop.stop_requested = True
-        if loop.stop_signal is None:
-            loop.stop_signal = signum
-
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            previous[sig] = signal.signal(sig, request_stop)
-        except ValueError:  # not the main thread: leave signals alone
-            pass
-    if previous:
-        child_handler = _deferred_worker_failures(loop)
-        if child_handler is not None:
-            previous[signal.SIGCHLD] = child_handler
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _deferred_worker_failures(loop):
-    """While a stop is requested, a data-loader worker that died of the same signal must not raise in
-    the middle of the step being finished (torch checks its workers on SIGCHLD). Installs a SIGCHLD
-    handler that skips that check then; returns the handler it replaced (None if none was replaced)."""
-    try:
-        from torch.utils.data._utils import signal_handling
-
-        signal_handling._set_SIGCHLD_handler()  # torch's own, installed now rather than with the first loader
-    except Exception:  # not available on this platform or version
-        return None
-    torch_handler = signal.getsignal(signal.SIGCHLD)
-    if not callable(torch_handler):
-        return None
-
-    def on_child_exit(signum, frame):
-        if not loop.stop_requested:
-            torch_handler(signum, frame)
-
-    signal.signal(signal.SIGCHLD, on_child_exit)
-    return torch_handler
 
 
 # ---------------------------------------------------------------------------------------------
