@@ -61,6 +61,8 @@ def test_the_shipped_selection_reads_into_one_configuration():
     ({"noise_draws": 0}, "noise_draws 0: must be at least 1"),
     ({"tau": 1.0}, r"tau 1.0: must lie in \[0, 1\)"),
     ({"scan_decision": {"rule": "volume", "seeds": 0.5}}, "unknown scan decision key 'seeds'"),
+    ({"steps": "2"}, "choice 'mask_tuned': a value of the wrong type"),
+    ({"postprocessing": {**LARGEST, "smooth_sigma": "1"}}, "choice 'mask_tuned': a value of the wrong type"),
 ])
 def test_a_choice_that_cannot_be_honoured_is_an_error(changes, message):
     with pytest.raises(ValueError, match=message):

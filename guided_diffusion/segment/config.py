@@ -109,9 +109,13 @@ class SegmentationConfig:
             raise ValueError(f"choice {choice!r}: unknown post-processing key {unknown[0]!r} "
                              f"(known: {', '.join(MaskOptions().as_dict())})")
         detection = selection.get("detection")
-        return cls(point=OperatingPoint.from_dict(chosen), postprocessing=MaskOptions(**post),
-                   detection=Detection.from_record(detection) if detection else None,
-                   scan_decision=ScanDecision.from_dict(chosen["scan_decision"]) if chosen.get("scan_decision") else None)
+        try:
+            return cls(point=OperatingPoint.from_dict(chosen), postprocessing=MaskOptions(**post),
+                       detection=Detection.from_record(detection) if detection else None,
+                       scan_decision=ScanDecision.from_dict(chosen["scan_decision"]) if chosen.get("scan_decision")
+                       else None)
+        except TypeError as err:  # a value of the wrong type, e.g. "steps": "2" in a hand-edited file
+            raise ValueError(f"choice {choice!r}: a value of the wrong type ({err})") from None
 
     def values(self):
         """{flag name: value} of every setting this configuration holds (detection only when it has one;
