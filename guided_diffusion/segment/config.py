@@ -62,6 +62,9 @@ class OperatingPoint:
         return f"Q {self.noise_level:g} T, R {self.steps}{draws}, tau {self.tau:g}, s {self.classifier_scale:g}"
 
 
+POINT_KEYS = tuple(f.name for f in fields(OperatingPoint))
+
+
 @dataclass(frozen=True)
 class Detection:
     """Which slices are segmented: tumour probability >= `threshold`, and (when `min_separability` > 0) a
@@ -129,9 +132,6 @@ class SegmentationConfig:
         return {"point": self.point.as_dict(), "postprocessing": self.postprocessing.as_dict(),
                 "detection": asdict(self.detection) if self.detection else None,
                 "scan_decision": self.scan_decision.as_dict() if self.scan_decision else None}
-
-
-POINT_KEYS = tuple(f.name for f in fields(OperatingPoint))
 
 
 def choices_of(selection):
