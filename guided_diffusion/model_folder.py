@@ -170,21 +170,13 @@ def export_model_folder(out_dir, *, ddpm, classifier, dataset_json, selection=No
 
 
 def read_selection_file(path, choice):
-    """selection.json as a dict, its choice `choice` checked as every front end will read it."""
-    from .segment.config import SegmentationConfig, choices_of
+    """selection.json as a dict, its choice `choice` and every other choice checked as the front ends read them."""
+    from .segment.config import choices_of
+    from .segment.settings_file import config_of, read_selection
 
-    selection = read_json(path, "--selection")
-    names = choices_of(selection)
-    if not names:
-        raise UserError(f"--selection {path}: not a selection of scripts/ablation.py (no choice with noise_level, "
-                        f"steps, tau and classifier_scale)")
-    if choice not in names:
-        raise UserError(f"--choice {choice!r}: not in --selection {path} (choose one of {', '.join(names)})")
-    for name in names:
-        try:
-            SegmentationConfig.from_selection(selection, name)
-        except ValueError as err:
-            raise UserError(f"--selection {path}: {err}") from None
+    selection = read_selection(path, "--selection")
+    for name in [choice] + choices_of(selection):
+        config_of(selection, name, path, "--selection")
     return selection
 
 

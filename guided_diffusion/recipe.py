@@ -139,14 +139,9 @@ def write_marker(work_dir, stage):
 def record_time(work_dir, name, seconds):
     """Add a stage's wall-clock seconds to WORK/stages/times.json ({stage: seconds}, summed over the runs
     that resumed it), where the measured times of a recipe are read from."""
-    path = os.path.join(work_dir, "stages", "times.json")
-    try:
-        with open(path) as f:
-            times = json.load(f)
-    except (OSError, ValueError):
-        times = {}
+    times = read_marker(work_dir, "times") or {}
     times[name] = round(times.get(name, 0.0) + seconds, 1)
-    atomic_write_text(path, json.dumps(times, indent=1) + "\n")
+    atomic_write_text(marker_path(work_dir, "times"), json.dumps(times, indent=1) + "\n")
 
 
 def stage_done(work_dir, stage):

@@ -12,7 +12,7 @@ import os
 from .command import main as segment_main
 from .config import OperatingPoint, as_flags
 from .postprocess import MaskOptions
-from .settings_file import read_config
+from .settings_file import config_of, read_selection
 
 # Table 1 of the paper (BraTS): Dice, mIoU, HD95, seconds per image (hardware not stated).
 PAPER_TABLE1 = {
@@ -30,7 +30,9 @@ def row_specs(selection_path, ddpm, classifier, cam_classifier, fast_stride=40, 
     The rows at a chosen point read it from the selection file itself (`--settings`, `--choice`), as a
     user's run does, so they segment exactly as image_p_seg.py and segment_scans.py do with that file;
     every other row takes the post-processing chosen for `mask_tuned`."""
-    tuned, free, cdm = (read_config(selection_path, name, flag) for name in ("mask_tuned", "label_free", "mask_tuned_cdm"))
+    selection = read_selection(selection_path, flag)
+    tuned, free, cdm = (config_of(selection, name, selection_path, flag)
+                        for name in ("mask_tuned", "label_free", "mask_tuned_cdm"))
     diffusion = ["--model_path", ddpm, "--classifier_path", classifier]
     mask = as_flags(tuned.postprocessing.as_dict())
     def chosen(name):

@@ -28,7 +28,12 @@ def read_selection(path, flag="--settings"):
 
 def read_config(path, choice, flag="--settings"):
     """The `SegmentationConfig` of choice `choice` of the selection file `path`; UserError naming `flag`."""
-    selection = read_selection(path, flag)
+    return config_of(read_selection(path, flag), choice, path, flag)
+
+
+def config_of(selection, choice, path, flag="--settings"):
+    """The `SegmentationConfig` of choice `choice` of `selection`, read from `path`; UserError naming `flag`
+    (or --choice) when the choice is missing or cannot be used."""
     if choice not in choices_of(selection):
         raise UserError(f"--choice {choice!r}: not in {flag} {path} (choose one of "
                         f"{', '.join(choices_of(selection))})")

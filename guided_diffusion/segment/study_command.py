@@ -238,8 +238,6 @@ def results_main(argv=None):
                         help="chain steps per step of CG-Diff and the reconstruction baseline (40: 10 steps from "
                              "Q = 400) (default: %(default)s)")
     args = parser.parse_args(argv)
-    if not os.path.isfile(args.selection):
-        raise UserError(f"--selection {args.selection}: no such file (scripts/ablation.py writes it)")
     paths = _models_paths(args.models)
     specs = row_specs(args.selection, paths["ddpm"], paths["classifier"], paths["resnet18"], args.fast_stride)
     keys = [k.strip() for k in args.rows.split(",") if k.strip()]
